@@ -1,0 +1,439 @@
+"""One connection's life: auth, heartbeat, dispatch, the outbound queue.
+
+Theory of operation
+-------------------
+A session has three states (STYLE practice 2)::
+
+    CONNECTED --auth/login/register ok--> READY --logout/kick/error--> CLOSING
+
+``ALLOWED[state]`` lists the operations a state accepts. In CONNECTED any other
+first frame gets ``unauthorized`` and the connection closes (1008 on WebSocket);
+a failed ``auth``/``login`` answers ``unauthorized`` and stays open, all within
+``session.auth_timeout``. In READY, ops come from :data:`HANDLERS`; unknown ops
+get ``unknown_op`` (the schema decides), bad fields ``invalid``.
+
+Two tasks per connection: the *reader* (this task) decodes frames, validates
+them and calls the services; the *writer* drains the bounded outbound channel
+and is the only caller of ``transport.send`` (practice 8). Replies and pushes
+share the channel, so a connection sees its ``send`` replies and ``msg`` pushes
+in seq order. A push that finds the channel full kicks the connection with
+``slow_consumer`` (PROTOCOL §3.5): it loses nothing, it catches up with sync.
+
+Kicks (replaced, too_many_devices, slow_consumer, revoked, shutdown, timeout)
+cancel the session's scope; the end of :meth:`Session.run` then sends
+``{"op":"kicked"}`` and closes with 4000 + the reason's number, shielded and
+bounded in time. Heartbeats: every received frame stamps ``last_rx``; the
+hub shard's sweep kicks connections silent for ``heartbeat_timeout``.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any
+
+import trio
+
+from protocol import schema
+from protocol.errors import (
+    WS_CLOSE_AUTH,
+    WS_CLOSE_NORMAL,
+    WS_CLOSE_PROTOCOL,
+    ErrorCode,
+    FrameError,
+    KickReason,
+    OpError,
+)
+
+from .hub.hub import next_conn_id
+from .storage.errors import StorageError, StorageUnavailable
+from .storage.records import Relations
+from .transport.base import Payload, Transport, TransportClosed
+
+if TYPE_CHECKING:
+    from .state import ServerState
+
+log = logging.getLogger("imserver.session")
+
+WRITER_BATCH = 256
+
+
+class State(enum.Enum):
+    CONNECTED = "connected"
+    READY = "ready"
+    CLOSING = "closing"
+
+
+AUTH_OPS = frozenset({"auth", "login", "register"})
+
+Handler = Callable[["Session", dict[str, Any]], Awaitable[dict[str, Any] | None]]
+
+
+class _Close(Exception):
+    """Internal: end the session after sending ``frame`` and closing with ``code``."""
+
+    def __init__(self, frame: dict[str, Any] | None, code: int) -> None:
+        self.frame = frame
+        self.code = code
+
+
+class Session:
+    """One client connection, from accept to close."""
+
+    def __init__(self, transport: Transport, state: ServerState) -> None:
+        self.transport = transport
+        self.state = state
+        self.conn_id = next_conn_id(state.cfg.server.node_id, state.storage.incarnation)
+        self.user = ""
+        self.device = ""
+        self.token_hash: bytes | None = None
+        self.relations = Relations(set(), set(), set())
+        self.phase = State.CONNECTED
+        self.connected_at = trio.current_time()
+        self.last_rx = self.connected_at
+        self.kick_reason: KickReason | None = None
+        self._send, self._recv = trio.open_memory_channel[Payload](state.cfg.limits.outbound_queue)
+        self._scope: trio.CancelScope | None = None
+        self._writing = False
+        self._attached = False
+
+    def __repr__(self) -> str:
+        who = f"{self.user}/{self.device}" if self.user else "-"
+        return f"<Session {self.conn_id} {self.transport.kind} {who} {self.phase.value}>"
+
+    # -- called by the hub and services (never await) --------------------------
+
+    def deliver(self, payload: Payload) -> None:
+        """Queue a push; a full queue kicks this connection (slow_consumer)."""
+        try:
+            self._send.send_nowait(payload)
+        except trio.WouldBlock:
+            self.kick(KickReason.SLOW_CONSUMER)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass
+
+    def reply(self, frame: dict[str, Any]) -> None:
+        """Queue a reply frame (same queue, so order with pushes holds)."""
+        self.deliver(Payload(frame))
+
+    def kick(self, reason: KickReason) -> None:
+        """End this connection with a ``kicked`` frame (first reason wins)."""
+        if self.kick_reason is None and self.phase is not State.CLOSING:
+            self.kick_reason = reason
+            stats = self.state.stats
+            stats.kicks[reason.value] = stats.kicks.get(reason.value, 0) + 1
+            log.info("kick conn=%s user=%s reason=%s", self.conn_id, self.user, reason.value)
+            if self._scope is not None:
+                self._scope.cancel()
+
+    # -- the session's life --------------------------------------------------
+
+    async def run(self) -> None:
+        """Serve the connection until it closes; never raises but Cancelled."""
+        state = self.state
+        state.sessions[self.conn_id] = self
+        stats = state.stats
+        stats.connections[self.transport.kind] += 1
+        close_frame: dict[str, Any] | None = None
+        close_code: int | None = WS_CLOSE_NORMAL
+        try:
+            with trio.CancelScope() as self._scope:
+                if state.shutting_down.is_set():
+                    self.kick_reason = KickReason.SHUTDOWN
+                    self._scope.cancel()
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(self._writer)
+                    try:
+                        await self._reader()
+                    finally:
+                        nursery.cancel_scope.cancel()
+        except _Close as c:
+            close_frame, close_code = c.frame, c.code
+        except TransportClosed:
+            close_code = None
+        except FrameError as e:
+            close_frame = OpError(ErrorCode.BAD_FRAME, str(e)).to_frame(None)
+            close_code = WS_CLOSE_PROTOCOL
+            stats.error("bad_frame")
+            log.info("bad_frame conn=%s peer=%s error=%s", self.conn_id, self.transport.peer, e)
+        except Exception:
+            log.exception("session_crashed %r", self)
+            close_frame = OpError(ErrorCode.INTERNAL, "internal error").to_frame(None)
+            close_code = 1011
+        finally:
+            self.phase = State.CLOSING
+            self._detach()
+            state.sessions.pop(self.conn_id, None)
+            stats.connections[self.transport.kind] -= 1
+            if self.kick_reason is not None:
+                close_frame = {"op": "kicked", "reason": self.kick_reason.value}
+                close_code = self.kick_reason.ws_close_code
+            await self._finish(close_frame, close_code)
+
+    async def _finish(self, frame: dict[str, Any] | None, code: int | None) -> None:
+        with trio.CancelScope(shield=True), trio.move_on_after(1.0):
+            try:
+                if frame is not None and not self._writing:
+                    await self.transport.send([Payload(frame)])
+            except TransportClosed:
+                pass
+            await self.transport.close(code)
+
+    async def _writer(self) -> None:
+        recv = self._recv
+        transport = self.transport
+        while True:
+            batch = [await recv.receive()]
+            try:
+                while len(batch) < WRITER_BATCH:
+                    batch.append(recv.receive_nowait())
+            except trio.WouldBlock:
+                pass
+            self._writing = True
+            try:
+                await transport.send(batch)
+            except TransportClosed:
+                # The reader notices too; end the session quietly.
+                if self._scope is not None:
+                    self._scope.cancel()
+                return
+            self._writing = False
+
+    async def _reader(self) -> None:
+        cfg = self.state.cfg
+        transport = self.transport
+        with trio.move_on_after(cfg.session.auth_timeout):
+            while self.phase is State.CONNECTED:
+                frames = await transport.receive()
+                for i, frame in enumerate(frames):
+                    await self._auth_frame(frame)
+                    if self.phase is State.READY:
+                        for rest in frames[i + 1 :]:
+                            await self._dispatch(rest)
+                        break
+        if self.phase is State.CONNECTED:
+            self.state.stats.error("auth_timeout")
+            if getattr(transport, "text", False) is None:
+                raise _Close(None, WS_CLOSE_AUTH)
+            raise _Close(OpError(ErrorCode.AUTH_TIMEOUT, "no auth in time").to_frame(None), WS_CLOSE_AUTH)
+        while True:
+            frames = await transport.receive()
+            self.last_rx = trio.current_time()
+            for frame in frames:
+                await self._dispatch(frame)
+
+    async def _auth_frame(self, frame: dict[str, Any]) -> None:
+        op = frame.get("op")
+        rid = frame.get("rid") if isinstance(frame.get("rid"), int) else None
+        if op not in AUTH_OPS:
+            self.state.stats.error("unauthorized")
+            raise _Close(
+                OpError(ErrorCode.UNAUTHORIZED, "authenticate first").to_frame(rid), WS_CLOSE_AUTH
+            )
+        try:
+            frame = schema.validate(frame)
+            await self._authenticate(frame)
+        except OpError as e:
+            self.state.stats.error(e.code.value)
+            self.reply(e.to_frame(rid))
+        except StorageError as e:
+            self.state.stats.error("unavailable")
+            self.reply(OpError(ErrorCode.UNAVAILABLE, str(e)).to_frame(rid))
+
+    async def _authenticate(self, f: dict[str, Any]) -> None:
+        state = self.state
+        auth = state.auth
+        op = f["op"]
+        device = f.get("device") or "default"
+        token: str | None = None
+        if op == "auth":
+            user, token_h = await auth.check_token(f["token"])
+        else:
+            user = f["user"]
+            if op == "register":
+                await auth.register(user, f["password"], self.transport.peer)
+            else:
+                await auth.check_password(user, f["password"], self.transport.peer)
+            token, token_h = await auth.issue_token(user, device)
+        entry = state.hub.entry(user)
+        relations = entry.relations if entry is not None else await state.storage.relations(user)
+        self.user, self.device, self.token_hash = user, device, token_h
+        self.relations = relations
+        self.phase = State.READY
+        self.last_rx = trio.current_time()
+        kicks, came_online = state.hub.shard(user).attach(self, relations)
+        self._attached = True
+        entry = state.hub.entry(user)
+        if entry is not None:
+            self.relations = entry.relations
+        reply: dict[str, Any] = {
+            "op": "ok",
+            "user": user,
+            "device": device,
+            "heartbeat": state.cfg.session.heartbeat,
+            "server_time": state.clock.now_ms(),
+        }
+        if "rid" in f:
+            reply["rid"] = f["rid"]
+        if token is not None:
+            reply["token"] = token
+        self.reply(reply)
+        log.info(
+            "session_ready conn=%s user=%s device=%s via=%s peer=%s",
+            self.conn_id, user, device, op, self.transport.peer,
+        )
+        for conn, reason in kicks:
+            conn.kick(reason)
+        if came_online:
+            state.friends.announce(user, self.relations)
+
+    def _detach(self) -> None:
+        if not self._attached:
+            return
+        self._attached = False
+        state = self.state
+        if state.hub.shard(self.user).detach(self, state.clock.now_ms()):
+            if not state.shutting_down.is_set():
+                state.friends.announce(self.user, self.relations)
+
+    async def _dispatch(self, frame: dict[str, Any]) -> None:
+        rid = frame.get("rid")
+        if not isinstance(rid, int) or isinstance(rid, bool):
+            rid = None
+        try:
+            frame = schema.validate(frame)
+            op = frame["op"]
+            handler = HANDLERS.get(op)
+            if handler is None:
+                if op in AUTH_OPS:
+                    raise OpError(ErrorCode.CONFLICT, "already authenticated")
+                raise OpError(ErrorCode.UNKNOWN_OP, f"{op}: not available on this server")
+            if op in LIMITED_OPS:
+                wait = self.state.hub.rate("requests", self.user, trio.current_time())
+                if wait:
+                    raise OpError(
+                        ErrorCode.RATE_LIMITED, "request rate exceeded", retry_after=round(wait, 3)
+                    )
+            result = await handler(self, frame)
+        except OpError as e:
+            self.state.stats.error(e.code.value)
+            self.reply(e.to_frame(rid))
+            return
+        except StorageUnavailable as e:
+            self.state.stats.error("unavailable")
+            self.reply(OpError(ErrorCode.UNAVAILABLE, str(e)).to_frame(rid))
+            return
+        except StorageError:
+            log.exception("storage_error conn=%s op=%s", self.conn_id, frame.get("op"))
+            self.state.stats.error("internal")
+            self.reply(OpError(ErrorCode.INTERNAL, "internal error").to_frame(rid))
+            return
+        if result is not None and rid is not None:
+            result["op"] = "ok"
+            result["rid"] = rid
+            self.reply(result)
+
+
+# -- handlers: one per op (READY state) ------------------------------------
+
+
+async def _ping(s: Session, f: dict[str, Any]) -> None:
+    pong: dict[str, Any] = {"op": "pong"}
+    if "rid" in f:
+        pong["rid"] = f["rid"]
+    s.reply(pong)
+    return None
+
+
+async def _logout(s: Session, f: dict[str, Any]) -> None:
+    if s.token_hash is not None:
+        await s.state.auth.revoke(s.token_hash)
+        for conn in s.state.hub.devices(s.user):
+            if conn is not s and conn.token_hash == s.token_hash:
+                conn.kick(KickReason.REVOKED)
+    log.info("logout conn=%s user=%s", s.conn_id, s.user)
+    frame: dict[str, Any] = {"op": "ok"}
+    if "rid" in f:
+        frame["rid"] = f["rid"]
+    raise _Close(frame, WS_CLOSE_NORMAL)
+
+
+async def _send(s: Session, f: dict[str, Any]) -> None:
+    await s.state.chat.send(s, f)
+
+
+async def _sync(s: Session, f: dict[str, Any]) -> dict[str, Any]:
+    return await s.state.chat.sync(s, f)
+
+
+async def _history(s: Session, f: dict[str, Any]) -> dict[str, Any]:
+    return await s.state.chat.history(s, f)
+
+
+async def _read(s: Session, f: dict[str, Any]) -> None:
+    await s.state.chat.cursor(s, f, "read")
+
+
+async def _recv(s: Session, f: dict[str, Any]) -> None:
+    await s.state.chat.cursor(s, f, "delivered")
+
+
+async def _typing(s: Session, f: dict[str, Any]) -> dict[str, Any]:
+    await s.state.chat.typing(s, f)
+    return {}
+
+
+async def _friend_op(s: Session, f: dict[str, Any]) -> dict[str, Any] | None:
+    return await s.state.friends.op(s, f)
+
+
+async def _friends(s: Session, f: dict[str, Any]) -> dict[str, Any]:
+    return await s.state.friends.friends(s, f)
+
+
+async def _friend_requests(s: Session, f: dict[str, Any]) -> dict[str, Any]:
+    return await s.state.friends.requests(s, f)
+
+
+async def _presence(s: Session, f: dict[str, Any]) -> dict[str, Any]:
+    await s.state.friends.set_presence(s, f)
+    return {}
+
+
+async def _presence_query(s: Session, f: dict[str, Any]) -> dict[str, Any]:
+    return await s.state.friends.presence_query(s, f)
+
+
+HANDLERS: dict[str, Handler] = {
+    "ping": _ping,
+    "logout": _logout,
+    "send": _send,
+    "sync": _sync,
+    "history": _history,
+    "read": _read,
+    "recv": _recv,
+    "typing": _typing,
+    "friend_request": _friend_op,
+    "friend_accept": _friend_op,
+    "friend_reject": _friend_op,
+    "friend_remove": _friend_op,
+    "block": _friend_op,
+    "unblock": _friend_op,
+    "friends": _friends,
+    "friend_requests": _friend_requests,
+    "presence": _presence,
+    "presence_query": _presence_query,
+}
+
+# Operations that query PostgreSQL inline share the "requests" rate limit; send,
+# read/recv and typing have their own buckets, ping has none.
+LIMITED_OPS = frozenset(HANDLERS) - {"ping", "send", "read", "recv", "typing", "logout"}
+
+# Operations the protocol defines but later issues implement (groups, recall,
+# delete, conv_set, notices) answer unknown_op until then.
+ALLOWED: dict[State, frozenset[str]] = {
+    State.CONNECTED: AUTH_OPS,
+    State.READY: frozenset(HANDLERS),
+    State.CLOSING: frozenset(),
+}

@@ -1,0 +1,720 @@
+"""PostgreSQL access: every query of the server, each hop a whole unit of work.
+
+All SQL lives in this package (STYLE practice 11). Public ``async`` methods are
+Trio-facing: each one crosses the bridge once and runs its queries, with their
+transaction, on the asyncio thread (the ``_q_*`` functions). asyncpg errors are
+translated into :mod:`imserver.storage.errors` here and nowhere else.
+
+Per-conversation ``seq`` allocation (``_SeqCache``) lives on the asyncio side and
+is touched only by the batch commit, which runs one batch at a time: the cache
+is loaded from ``conversations.last_seq`` on first use and advanced only after
+the transaction commits; any failure forgets it, so the next batch reloads from
+PostgreSQL. So ``seq`` has no gap and no repeat, across failures and restarts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from importlib import resources
+from typing import Any, TypeVar
+
+import asyncpg
+import trio
+
+from .bridge import AsyncioThread
+from .errors import StorageConflict, StorageError, StorageUnavailable
+from .records import BatchResult, CursorUpdate, Relations, SendRow
+
+log = logging.getLogger("imserver.storage")
+T = TypeVar("T")
+
+_UNAVAILABLE_ERRORS: tuple[type[BaseException], ...] = (
+    OSError,
+    asyncio.TimeoutError,
+    TimeoutError,
+    asyncpg.PostgresConnectionError,
+    asyncpg.InterfaceError,
+    asyncpg.CannotConnectNowError,
+    asyncpg.exceptions.AdminShutdownError,
+    asyncpg.exceptions.CrashShutdownError,
+    asyncpg.exceptions.OperatorInterventionError,
+    asyncpg.exceptions.InsufficientResourcesError,
+    asyncpg.exceptions.QueryCanceledError,
+    ConnectionError,
+)
+
+MSG_COLUMNS = "mid, conv, seq, sender, cid, kind, body, meta, mentions, reply_to, ts, recalled"
+
+
+def msg_to_frame(r: Any, viewer: str | None = None) -> dict[str, Any]:
+    """A ``messages`` row as the protocol's message map (``cid`` for the sender only)."""
+    m: dict[str, Any] = {
+        "mid": r["mid"],
+        "conv": r["conv"],
+        "seq": r["seq"],
+        "from": r["sender"],
+        "kind": r["kind"],
+        "ts": r["ts"],
+    }
+    if r["recalled"]:
+        m["recalled"] = True
+    else:
+        m["body"] = r["body"] if r["body"] is not None else ""
+        if r["meta"] is not None:
+            m["meta"] = r["meta"]
+    if r["mentions"] is not None:
+        m["mentions"] = r["mentions"]
+    if r["reply_to"] is not None:
+        m["reply_to"] = r["reply_to"]
+    if viewer is not None and r["cid"] is not None and r["sender"] == viewer:
+        m["cid"] = r["cid"]
+    return m
+
+
+def _now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+class _SeqCache:
+    """conv -> last committed seq. Only the batch commit touches it."""
+
+    def __init__(self, max_entries: int = 500_000) -> None:
+        self.last: dict[str, int] = {}
+        self.max_entries = max_entries
+
+    def forget(self) -> None:
+        self.last.clear()
+
+
+class Storage:
+    """Trio-facing PostgreSQL storage: a pool on the asyncio thread."""
+
+    def __init__(
+        self,
+        dsn: str,
+        *,
+        pool_size: int = 8,
+        connect_timeout: float = 5.0,
+        query_timeout: float = 10.0,
+        writer_id: int = 0,
+    ) -> None:
+        self.dsn = dsn
+        self.pool_size = pool_size
+        self.connect_timeout = connect_timeout
+        self.query_timeout = query_timeout
+        self.writer_id = writer_id
+        self.incarnation = _now_ms()
+        self._batch_no = 0
+        self._thread = AsyncioThread()
+        self._pool: asyncpg.Pool | None = None
+        self._seq = _SeqCache()
+        self.up = False
+
+    def __repr__(self) -> str:
+        return f"<Storage writer={self.writer_id} up={self.up}>"
+
+    # -- lifecycle -----------------------------------------------------------
+
+    async def open(self) -> None:
+        """Start the asyncio thread and connect the pool.
+
+        Raises:
+            StorageUnavailable: PostgreSQL cannot be reached.
+        """
+        self._thread.start()
+        await self._call(self._q_open)
+        self.up = True
+
+    async def aclose(self) -> None:
+        """Close the pool and stop the asyncio thread."""
+        try:
+            with trio.CancelScope(shield=True), trio.move_on_after(10):
+                await self._thread.call(self._q_close)
+        finally:
+            self._thread.stop()
+
+    async def _q_open(self) -> None:
+        async def init(conn: asyncpg.Connection) -> None:
+            await conn.set_type_codec(
+                "jsonb", encoder=json.dumps, decoder=json.loads, schema="pg_catalog"
+            )
+
+        self._pool = await asyncpg.create_pool(
+            self.dsn,
+            min_size=1,
+            max_size=self.pool_size,
+            timeout=self.connect_timeout,
+            command_timeout=self.query_timeout,
+            init=init,
+        )
+
+    async def _q_close(self) -> None:
+        if self._pool is not None:
+            await self._pool.close()
+
+    async def _call(self, fn: Callable[..., Awaitable[T]], *args: Any) -> T:
+        """Cross the bridge once, translating driver errors (practice 11)."""
+        try:
+            result = await self._thread.call(fn, *args)
+        except _UNAVAILABLE_ERRORS as e:
+            self.up = False
+            raise StorageUnavailable(f"storage unavailable: {type(e).__name__}: {e}") from None
+        except asyncpg.UniqueViolationError as e:
+            raise StorageConflict(str(e)) from None
+        except asyncpg.PostgresError as e:
+            raise StorageError(f"{type(e).__name__}: {e}") from None
+        self.up = True
+        return result
+
+    async def _acquire_run(self, fn: Callable[..., Awaitable[T]], *args: Any) -> T:
+        return await self._call(self._with_conn, fn, *args)
+
+    async def _with_conn(self, fn: Callable[..., Awaitable[T]], *args: Any) -> T:
+        assert self._pool is not None
+        async with self._pool.acquire(timeout=self.connect_timeout) as conn:
+            return await fn(conn, *args)
+
+    # -- migrations ----------------------------------------------------------
+
+    async def migrate(self) -> list[str]:
+        """Apply pending migrations (``storage/migrations/NNNN_name.sql``); return their names."""
+        files = sorted(
+            (p.name, p.read_text("utf-8"))
+            for p in resources.files("imserver.storage").joinpath("migrations").iterdir()
+            if p.name.endswith(".sql")
+        )
+        return await self._acquire_run(_q_migrate, files)
+
+    async def ping(self) -> None:
+        """Check that PostgreSQL answers."""
+        await self._acquire_run(_q_ping)
+
+    # -- accounts ------------------------------------------------------------
+
+    async def create_user(self, name: str, pw_hash: str) -> bool:
+        """Create a user; False if the name is taken."""
+        return await self._acquire_run(_q_create_user, name, pw_hash, _now_ms())
+
+    async def user_exists(self, name: str) -> bool:
+        """Whether ``name`` is a registered user."""
+        return await self._acquire_run(_q_user_exists, name)
+
+    async def password_hash(self, name: str) -> str | None:
+        """The stored argon2 hash of ``name``, or None if no such user."""
+        return await self._acquire_run(_q_pw_hash, name)
+
+    async def set_password_hash(self, name: str, pw_hash: str) -> None:
+        """Replace the stored hash (rehash after parameter changes)."""
+        await self._acquire_run(_q_set_pw_hash, name, pw_hash)
+
+    async def insert_token(
+        self, token_hash: bytes, user: str, device: str, created_ms: int, expires_ms: int
+    ) -> None:
+        """Store a token's hash."""
+        await self._acquire_run(_q_insert_token, token_hash, user, device, created_ms, expires_ms)
+
+    async def token_owner(self, token_hash: bytes) -> tuple[str, int, bool] | None:
+        """(user, expires_ms, revoked) of a token hash, or None."""
+        return await self._acquire_run(_q_token_owner, token_hash)
+
+    async def revoke_token(self, token_hash: bytes) -> None:
+        """Mark a token revoked."""
+        await self._acquire_run(_q_revoke_token, token_hash)
+
+    # -- friends -------------------------------------------------------------
+
+    async def relations(self, user: str) -> Relations:
+        """Friends and blocks of ``user``."""
+        return await self._acquire_run(_q_relations, user)
+
+    async def friend_op(self, op: str, user: str, other: str, note: str = "") -> str:
+        """Run one friend operation in a transaction; returns an outcome word.
+
+        Outcomes: ``requested``, ``accepted``, ``rejected``, ``removed``,
+        ``blocked``, ``unblocked``, or an error code word: ``not_found``,
+        ``conflict``, ``forbidden``, ``invalid``.
+        """
+        return await self._acquire_run(_q_friend_op, op, user, other, note, _now_ms())
+
+    async def friend_requests(self, user: str) -> list[dict[str, Any]]:
+        """Pending requests to and from ``user``."""
+        return await self._acquire_run(_q_friend_requests, user)
+
+    # -- reading -------------------------------------------------------------
+
+    async def sync(self, user: str, max_convs: int, unread_cap: int) -> list[dict[str, Any]]:
+        """The user's conversations, pinned first, then most recent first."""
+        return await self._acquire_run(_q_sync, user, max_convs, unread_cap)
+
+    async def history(
+        self, viewer: str, conv: str, after: int | None, before: int | None, limit: int
+    ) -> tuple[list[dict[str, Any]], bool]:
+        """Messages of ``conv`` in ascending seq, and whether more exist that way."""
+        return await self._acquire_run(_q_history, viewer, conv, after, before, limit)
+
+    # -- the batch commit ----------------------------------------------------
+
+    async def commit_batch(
+        self, rows: list[SendRow], cursors: list[CursorUpdate], now_ms: int | None = None
+    ) -> BatchResult:
+        """Commit one batch in one transaction and return it with mids and seqs.
+
+        Repeats of an already stored ``(sender, cid)`` are not inserted; they
+        come back with ``repeat=True`` and the original's mid, conv, seq and ts.
+
+        Raises:
+            StorageUnavailable: the batch did not commit (its seqs are given back).
+        """
+        try:
+            ts = _now_ms() if now_ms is None else now_ms
+            await self._call(self._q_commit_batch, rows, cursors, ts)
+        except StorageError as e:
+            if not isinstance(e, StorageUnavailable):
+                raise StorageUnavailable(str(e)) from None
+            raise
+        self._batch_no += 1
+        return BatchResult(self.writer_id, self.incarnation, self._batch_no, rows, cursors)
+
+    async def _q_commit_batch(
+        self, rows: list[SendRow], cursors: list[CursorUpdate], ts: int
+    ) -> None:
+        assert self._pool is not None
+        seqcache = self._seq
+        try:
+            async with self._pool.acquire(timeout=self.connect_timeout) as conn:
+                async with conn.transaction():
+                    new_last = await _q_insert_rows(conn, rows, seqcache.last, ts)
+                    if cursors:
+                        await _q_apply_cursors(conn, cursors)
+        except BaseException:
+            # Unknown outcome or rollback: give every number back (reload later).
+            seqcache.forget()
+            raise
+        if len(seqcache.last) > seqcache.max_entries:
+            seqcache.forget()
+        seqcache.last.update(new_last)
+
+
+# ---------------------------------------------------------------------------
+# Queries (asyncio side). Each takes a connection; none leaks driver types.
+# ---------------------------------------------------------------------------
+
+
+async def _q_ping(conn: asyncpg.Connection) -> None:
+    await conn.fetchval("SELECT 1")
+
+
+async def _q_migrate(conn: asyncpg.Connection, files: list[tuple[str, str]]) -> list[str]:
+    applied: list[str] = []
+    async with conn.transaction():
+        # Serialise concurrent migrators (two servers starting on one database).
+        await conn.execute("SELECT pg_advisory_xact_lock(7700770077)")
+        await conn.execute(
+            "CREATE TABLE IF NOT EXISTS schema_migrations "
+            "(name text PRIMARY KEY, applied_ms bigint NOT NULL)"
+        )
+        done = {r["name"] for r in await conn.fetch("SELECT name FROM schema_migrations")}
+        for name, sql in files:
+            if name in done:
+                continue
+            await conn.execute(sql)
+            await conn.execute(
+                "INSERT INTO schema_migrations (name, applied_ms) VALUES ($1, $2)",
+                name,
+                _now_ms(),
+            )
+            applied.append(name)
+    return applied
+
+
+async def _q_create_user(conn: asyncpg.Connection, name: str, pw_hash: str, now: int) -> bool:
+    r = await conn.fetchval(
+        "INSERT INTO users (name, pw_hash, created_ms) VALUES ($1, $2, $3) "
+        "ON CONFLICT (name) DO NOTHING RETURNING 1",
+        name,
+        pw_hash,
+        now,
+    )
+    return r is not None
+
+
+async def _q_user_exists(conn: asyncpg.Connection, name: str) -> bool:
+    return bool(await conn.fetchval("SELECT EXISTS (SELECT 1 FROM users WHERE name = $1)", name))
+
+
+async def _q_pw_hash(conn: asyncpg.Connection, name: str) -> str | None:
+    r: str | None = await conn.fetchval("SELECT pw_hash FROM users WHERE name = $1", name)
+    return r
+
+
+async def _q_set_pw_hash(conn: asyncpg.Connection, name: str, pw_hash: str) -> None:
+    await conn.execute("UPDATE users SET pw_hash = $2 WHERE name = $1", name, pw_hash)
+
+
+async def _q_insert_token(
+    conn: asyncpg.Connection, h: bytes, user: str, device: str, created: int, expires: int
+) -> None:
+    await conn.execute(
+        "INSERT INTO tokens (hash, user_name, device, created_ms, expires_ms) "
+        "VALUES ($1, $2, $3, $4, $5)",
+        h,
+        user,
+        device,
+        created,
+        expires,
+    )
+
+
+async def _q_token_owner(conn: asyncpg.Connection, h: bytes) -> tuple[str, int, bool] | None:
+    r = await conn.fetchrow("SELECT user_name, expires_ms, revoked FROM tokens WHERE hash = $1", h)
+    return None if r is None else (r["user_name"], r["expires_ms"], r["revoked"])
+
+
+async def _q_revoke_token(conn: asyncpg.Connection, h: bytes) -> None:
+    await conn.execute("UPDATE tokens SET revoked = true WHERE hash = $1", h)
+
+
+async def _q_relations(conn: asyncpg.Connection, user: str) -> Relations:
+    friends = await conn.fetch(
+        "SELECT b AS peer FROM friendships WHERE a = $1 UNION ALL "
+        "SELECT a FROM friendships WHERE b = $1",
+        user,
+    )
+    blocking = await conn.fetch("SELECT blocked FROM blocks WHERE blocker = $1", user)
+    blocked_by = await conn.fetch("SELECT blocker FROM blocks WHERE blocked = $1", user)
+    return Relations(
+        {r[0] for r in friends}, {r[0] for r in blocking}, {r[0] for r in blocked_by}
+    )
+
+
+async def _q_friend_op(
+    conn: asyncpg.Connection, op: str, user: str, other: str, note: str, now: int
+) -> str:
+    if user == other:
+        return "invalid"
+    a, b = (user, other) if user < other else (other, user)
+    async with conn.transaction():
+        exists = await conn.fetchval("SELECT EXISTS (SELECT 1 FROM users WHERE name = $1)", other)
+        if not exists:
+            return "not_found"
+        is_friend = await conn.fetchval(
+            "SELECT EXISTS (SELECT 1 FROM friendships WHERE a = $1 AND b = $2)", a, b
+        )
+        blocked = await conn.fetchval(
+            "SELECT EXISTS (SELECT 1 FROM blocks WHERE (blocker = $1 AND blocked = $2) "
+            "OR (blocker = $2 AND blocked = $1))",
+            user,
+            other,
+        )
+        if op == "friend_request":
+            if blocked:
+                return "forbidden"
+            if is_friend:
+                return "conflict"
+            reverse = await conn.fetchval(
+                "DELETE FROM friend_requests WHERE from_user = $1 AND to_user = $2 RETURNING 1",
+                other,
+                user,
+            )
+            if reverse:
+                await conn.execute(
+                    "INSERT INTO friendships (a, b, since_ms) VALUES ($1, $2, $3)", a, b, now
+                )
+                return "accepted"
+            await conn.execute(
+                "INSERT INTO friend_requests (from_user, to_user, note, created_ms) "
+                "VALUES ($1, $2, $3, $4) ON CONFLICT (from_user, to_user) "
+                "DO UPDATE SET note = EXCLUDED.note, created_ms = EXCLUDED.created_ms",
+                user,
+                other,
+                note,
+                now,
+            )
+            return "requested"
+        if op in ("friend_accept", "friend_reject"):
+            found = await conn.fetchval(
+                "DELETE FROM friend_requests WHERE from_user = $1 AND to_user = $2 RETURNING 1",
+                other,
+                user,
+            )
+            if not found:
+                return "not_found"
+            if op == "friend_reject":
+                return "rejected"
+            if blocked:
+                return "forbidden"
+            await conn.execute(
+                "DELETE FROM friend_requests WHERE from_user = $1 AND to_user = $2", user, other
+            )
+            await conn.execute(
+                "INSERT INTO friendships (a, b, since_ms) VALUES ($1, $2, $3) "
+                "ON CONFLICT DO NOTHING",
+                a,
+                b,
+                now,
+            )
+            return "accepted"
+        if op == "friend_remove":
+            removed = await conn.fetchval(
+                "DELETE FROM friendships WHERE a = $1 AND b = $2 RETURNING 1", a, b
+            )
+            return "removed" if removed else "not_found"
+        if op == "block":
+            await conn.execute(
+                "INSERT INTO blocks (blocker, blocked, created_ms) VALUES ($1, $2, $3) "
+                "ON CONFLICT DO NOTHING",
+                user,
+                other,
+                now,
+            )
+            return "blocked"
+        if op == "unblock":
+            await conn.execute(
+                "DELETE FROM blocks WHERE blocker = $1 AND blocked = $2", user, other
+            )
+            return "unblocked"
+    raise ValueError(f"unknown friend op {op!r}")
+
+
+async def _q_friend_requests(conn: asyncpg.Connection, user: str) -> list[dict[str, Any]]:
+    rows = await conn.fetch(
+        "SELECT from_user, to_user, note, created_ms FROM friend_requests "
+        "WHERE from_user = $1 OR to_user = $1 ORDER BY created_ms",
+        user,
+    )
+    out = []
+    for r in rows:
+        incoming = r["to_user"] == user
+        out.append(
+            {
+                "user": r["from_user"] if incoming else r["to_user"],
+                "direction": "in" if incoming else "out",
+                "note": r["note"],
+                "ts": r["created_ms"],
+            }
+        )
+    return out
+
+
+async def _q_sync(
+    conn: asyncpg.Connection, user: str, max_convs: int, unread_cap: int
+) -> list[dict[str, Any]]:
+    rows = await conn.fetch(
+        f"""
+        SELECT uc.conv, c.kind, c.last_seq, uc.read_seq, uc.pinned, uc.muted,
+               (SELECT count(*) FROM (
+                    SELECT 1 FROM messages x
+                    WHERE x.conv = uc.conv AND x.seq > uc.read_seq AND x.sender <> $1
+                      AND x.kind NOT IN ('system', 'recall') AND NOT x.recalled
+                    LIMIT $3) u) AS unread,
+               {", ".join("m." + c for c in MSG_COLUMNS.split(", "))}
+        FROM user_convs uc
+        JOIN conversations c ON c.conv = uc.conv
+        LEFT JOIN messages m ON m.conv = c.conv AND m.seq = c.last_seq
+        WHERE uc.user_name = $1 AND c.last_seq > 0
+        ORDER BY uc.pinned DESC, c.last_ts DESC, uc.conv
+        LIMIT $2
+        """,
+        user,
+        max_convs,
+        unread_cap,
+    )
+    out = []
+    for r in rows:
+        conv = r["conv"]
+        kind = r["kind"]
+        out.append(
+            {
+                "conv": conv,
+                "kind": kind,
+                "title": conv_title(conv, kind, user),
+                "last_seq": r["last_seq"],
+                "last_msg": msg_to_frame(r, user) if r["mid"] is not None else None,
+                "read_seq": r["read_seq"],
+                "unread": r["unread"],
+                "pinned": r["pinned"],
+                "muted": r["muted"],
+            }
+        )
+    return out
+
+
+def conv_title(conv: str, kind: str, viewer: str) -> str:
+    """The sync title: the peer (direct), else the id's last part."""
+    if kind == "direct":
+        _, a, b = conv.split(":", 2)
+        return b if a == viewer else a
+    return conv.rsplit(":", 1)[-1]
+
+
+async def _q_history(
+    conn: asyncpg.Connection,
+    viewer: str,
+    conv: str,
+    after: int | None,
+    before: int | None,
+    limit: int,
+) -> tuple[list[dict[str, Any]], bool]:
+    if after is not None:
+        rows = await conn.fetch(
+            f"SELECT {MSG_COLUMNS} FROM messages WHERE conv = $1 AND seq > $2 "
+            "ORDER BY seq LIMIT $3",
+            conv,
+            after,
+            limit + 1,
+        )
+        more = len(rows) > limit
+        rows = rows[:limit]
+    else:
+        bound = before if before is not None else 2**62
+        rows = await conn.fetch(
+            f"SELECT {MSG_COLUMNS} FROM messages WHERE conv = $1 AND seq < $2 "
+            "ORDER BY seq DESC LIMIT $3",
+            conv,
+            bound,
+            limit + 1,
+        )
+        more = len(rows) > limit
+        rows = rows[:limit]
+        rows.reverse()
+    return [msg_to_frame(r, viewer) for r in rows], more
+
+
+async def _q_insert_rows(
+    conn: asyncpg.Connection, rows: list[SendRow], last: dict[str, int], ts: int
+) -> dict[str, int]:
+    """Insert a batch's messages with fresh seqs; return conv -> new last seq."""
+    if not rows:
+        return {}
+    # 1. Repeats of (sender, cid) already stored, and repeats inside this batch.
+    keyed = [r for r in rows if r.cid is not None]
+    stored: dict[tuple[str, str], Any] = {}
+    if keyed:
+        found = await conn.fetch(
+            "SELECT m.sender, m.cid, m.mid, m.conv, m.seq, m.ts FROM messages m "
+            "JOIN unnest($1::text[], $2::text[]) AS u(sender, cid) "
+            "ON m.sender = u.sender AND m.cid = u.cid",
+            [r.sender for r in keyed],
+            [r.cid for r in keyed],
+        )
+        stored = {(f["sender"], f["cid"]): f for f in found}
+    fresh: list[SendRow] = []
+    first_in_batch: dict[tuple[str, str], SendRow] = {}
+    for r in rows:
+        if r.cid is not None:
+            key = (r.sender, r.cid)
+            f = stored.get(key)
+            if f is not None:
+                r.repeat, r.mid, r.conv, r.seq, r.ts = True, f["mid"], f["conv"], f["seq"], f["ts"]
+                continue
+            if key in first_in_batch:
+                r.repeat = True
+                continue
+            first_in_batch[key] = r
+        fresh.append(r)
+    if not fresh:
+        return {}
+    # 2. Load last seqs not cached (first use of a conversation in this process).
+    convs = {r.conv for r in fresh}
+    missing = [c for c in convs if c not in last]
+    base: dict[str, int] = {c: last[c] for c in convs if c in last}
+    if missing:
+        for rec in await conn.fetch(
+            "SELECT conv, last_seq FROM conversations WHERE conv = ANY($1::text[])", missing
+        ):
+            base[rec["conv"]] = rec["last_seq"]
+    new_convs = [c for c in convs if base.get(c, 0) == 0]
+    # 3. Assign seqs and ts in batch order (the order sends reached the writer).
+    new_last: dict[str, int] = {}
+    for r in fresh:
+        s = new_last.get(r.conv)
+        if s is None:
+            s = base.get(r.conv, 0)
+        s += 1
+        new_last[r.conv] = s
+        r.seq = s
+        r.ts = ts
+    mids = await conn.fetch(
+        "INSERT INTO messages (conv, seq, sender, cid, kind, body, meta, mentions, reply_to, ts) "
+        "SELECT * FROM unnest($1::text[], $2::bigint[], $3::text[], $4::text[], $5::text[], "
+        "$6::text[], $7::jsonb[], $8::jsonb[], $9::bigint[], $10::bigint[]) "
+        "RETURNING mid, conv, seq",
+        [r.conv for r in fresh],
+        [r.seq for r in fresh],
+        [r.sender for r in fresh],
+        [r.cid for r in fresh],
+        [r.kind for r in fresh],
+        [r.body for r in fresh],
+        [r.meta for r in fresh],
+        [r.mentions for r in fresh],
+        [r.reply_to for r in fresh],
+        [r.ts for r in fresh],
+    )
+    by_pos = {(m["conv"], m["seq"]): m["mid"] for m in mids}
+    last_mid: dict[str, int] = {}
+    for r in fresh:
+        r.mid = by_pos[(r.conv, r.seq)]
+        last_mid[r.conv] = r.mid
+    for r in rows:
+        if r.repeat and r.mid == 0 and r.cid is not None:
+            first = first_in_batch[(r.sender, r.cid)]
+            r.mid, r.conv, r.seq, r.ts = first.mid, first.conv, first.seq, first.ts
+    kinds = {r.conv: r.conv_kind for r in fresh}
+    conv_list = list(new_last)
+    await conn.execute(
+        "INSERT INTO conversations (conv, kind, last_seq, last_mid, last_ts) "
+        "SELECT * FROM unnest($1::text[], $2::text[], $3::bigint[], $4::bigint[], $5::bigint[]) "
+        "ON CONFLICT (conv) DO UPDATE SET last_seq = EXCLUDED.last_seq, "
+        "last_mid = EXCLUDED.last_mid, last_ts = EXCLUDED.last_ts",
+        conv_list,
+        [kinds[c] for c in conv_list],
+        [new_last[c] for c in conv_list],
+        [last_mid[c] for c in conv_list],
+        [ts] * len(conv_list),
+    )
+    if new_convs:
+        members: dict[str, tuple[str, ...]] = {}
+        for r in fresh:
+            if r.conv in new_convs:
+                members[r.conv] = r.members
+        users: list[str] = []
+        ucs: list[str] = []
+        for c, ms in members.items():
+            for u in ms:
+                users.append(u)
+                ucs.append(c)
+        await conn.execute(
+            "INSERT INTO user_convs (user_name, conv) "
+            "SELECT * FROM unnest($1::text[], $2::text[]) ON CONFLICT DO NOTHING",
+            users,
+            ucs,
+        )
+    return new_last
+
+
+async def _q_apply_cursors(conn: asyncpg.Connection, cursors: list[CursorUpdate]) -> None:
+    for field in ("read", "delivered"):
+        group = [c for c in cursors if c.field == field]
+        if not group:
+            continue
+        col = "read_seq" if field == "read" else "delivered_seq"
+        changed = await conn.fetch(
+            f"UPDATE user_convs uc SET {col} = LEAST(v.s, c.last_seq) "
+            "FROM unnest($1::text[], $2::text[], $3::bigint[]) AS v(u, cv, s) "
+            "JOIN conversations c ON c.conv = v.cv "
+            f"WHERE uc.user_name = v.u AND uc.conv = v.cv AND LEAST(v.s, c.last_seq) > uc.{col} "
+            f"RETURNING uc.user_name, uc.conv, uc.{col} AS s",
+            [c.user for c in group],
+            [c.conv for c in group],
+            [c.seq for c in group],
+        )
+        got = {(r["user_name"], r["conv"]): r["s"] for r in changed}
+        for c in group:
+            s = got.get((c.user, c.conv))
+            if s is not None:
+                c.changed = True
+                c.seq = s

@@ -1,0 +1,90 @@
+"""The one small interface both transports offer a session.
+
+A session never knows whether it talks TCP or WebSocket (issue 2). It reads
+frames with :meth:`Transport.receive`, sends batches of :class:`Payload` with
+:meth:`Transport.send` (one coalesced ``send_all`` per call: STYLE practice 8,
+only the session's writer task calls it), and ends with :meth:`Transport.close`.
+
+Transport errors are mapped once, here, to :class:`TransportClosed`.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Sequence
+from typing import Any, ClassVar
+
+from protocol.codec import frame_prefix, pack, to_json
+
+
+class TransportClosed(Exception):
+    """The peer went away or the stream broke; the session ends."""
+
+
+class Payload:
+    """One outbound frame, encoded lazily and at most once per encoding.
+
+    A push to many devices is one ``Payload`` shared by all their queues, so a
+    group message is packed once, not once per member (issue 3).
+    """
+
+    __slots__ = ("_json", "_msgpack", "_tcp", "frame")
+
+    def __init__(self, frame: dict[str, Any]) -> None:
+        self.frame = frame
+        self._msgpack: bytes | None = None
+        self._tcp: bytes | None = None
+        self._json: str | None = None
+
+    def __repr__(self) -> str:
+        return f"<Payload op={self.frame.get('op')!r}>"
+
+    def msgpack(self) -> bytes:
+        """The MessagePack map."""
+        b = self._msgpack
+        if b is None:
+            b = self._msgpack = pack(self.frame)
+        return b
+
+    def tcp(self) -> bytes:
+        """Length prefix plus MessagePack map, as sent on TCP."""
+        b = self._tcp
+        if b is None:
+            mp = self.msgpack()
+            b = self._tcp = frame_prefix(mp) + mp
+        return b
+
+    def json(self) -> str:
+        """Compact JSON text, as sent on a JSON WebSocket."""
+        s = self._json
+        if s is None:
+            s = self._json = to_json(self.frame)
+        return s
+
+
+class Transport(abc.ABC):
+    """A framed, bidirectional connection to one client."""
+
+    kind: ClassVar[str]
+    peer: str
+
+    @abc.abstractmethod
+    async def receive(self) -> list[dict[str, Any]]:
+        """Wait for and return the next frames (at least one).
+
+        Raises:
+            protocol.errors.FrameError: the peer sent a malformed frame.
+            TransportClosed: the peer closed or the stream broke.
+        """
+
+    @abc.abstractmethod
+    async def send(self, payloads: Sequence[Payload]) -> None:
+        """Send frames in order with one write.
+
+        Raises:
+            TransportClosed: the stream broke.
+        """
+
+    @abc.abstractmethod
+    async def close(self, code: int | None = None, reason: str = "") -> None:
+        """Close the connection (WebSocket: with ``code``), bounded in time, never raising."""

@@ -1,0 +1,67 @@
+"""TCP transport: 4-byte big-endian length-prefixed MessagePack maps (PROTOCOL §1)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import trio
+
+from protocol.codec import NEED_DATA, FrameDecoder
+
+from .base import Payload, Transport, TransportClosed
+
+RECEIVE_BYTES = 65536
+
+
+class TcpTransport(Transport):
+    """A session's view of a TCP stream."""
+
+    kind = "tcp"
+
+    def __init__(self, stream: trio.abc.Stream, *, max_frame_bytes: int, peer: str = "") -> None:
+        self.stream = stream
+        self.peer = peer
+        self.decoder = FrameDecoder(max_frame_bytes)
+        self.text = False
+
+    def __repr__(self) -> str:
+        return f"<TcpTransport {self.peer}>"
+
+    async def receive(self) -> list[dict[str, Any]]:
+        """Read until at least one whole frame is buffered; return all of them."""
+        frames: list[dict[str, Any]] = []
+        decoder = self.decoder
+        while True:
+            while True:
+                f = decoder.next_frame()
+                if f is NEED_DATA:
+                    break
+                frames.append(f)  # type: ignore[arg-type]
+            if frames:
+                return frames
+            try:
+                data = await self.stream.receive_some(RECEIVE_BYTES)
+            except (trio.BrokenResourceError, trio.ClosedResourceError) as e:
+                raise TransportClosed(str(e)) from None
+            decoder.receive_data(data)
+            if not data:
+                f = decoder.next_frame()  # raises FrameError on a truncated frame
+                if f is not NEED_DATA:
+                    return [f]  # type: ignore[list-item]
+                raise TransportClosed("peer closed")
+
+    async def send(self, payloads: Sequence[Payload]) -> None:
+        """Join the framed payloads and write them at once."""
+        if len(payloads) == 1:
+            data = payloads[0].tcp()
+        else:
+            data = b"".join([p.tcp() for p in payloads])
+        try:
+            await self.stream.send_all(data)
+        except (trio.BrokenResourceError, trio.ClosedResourceError) as e:
+            raise TransportClosed(str(e)) from None
+
+    async def close(self, code: int | None = None, reason: str = "") -> None:
+        """Close the stream (the code is a WebSocket notion, unused here)."""
+        await trio.aclose_forcefully(self.stream)
