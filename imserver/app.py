@@ -138,7 +138,17 @@ async def _serve(
     writer.on_commit = state.chat.on_commit
     writer.on_failure = state.chat.on_failure
 
+    def over_capacity() -> bool:
+        if len(state.sessions) >= cfg.limits.max_connections:
+            state.stats.error("over_capacity")
+            log.warning("connection_refused reason=max_connections")
+            return True
+        return False
+
     async def tcp_handler(stream: trio.SocketStream) -> None:
+        if over_capacity():
+            await trio.aclose_forcefully(stream)
+            return
         await Session(
             TcpTransport(stream, max_frame_bytes=cfg.limits.max_frame_bytes, peer=_peer(stream)),
             state,
@@ -147,6 +157,9 @@ async def _serve(
     async def ws_handler(stream: trio.SocketStream) -> None:
         from .transport.websocket import WebSocketTransport
 
+        if over_capacity():
+            await trio.aclose_forcefully(stream)
+            return
         ws = cfg.websocket
         transport = None
         with trio.move_on_after(cfg.session.auth_timeout):

@@ -123,7 +123,6 @@ class BatchSection:
 class HubSection:
     shards: int = _field(8, 1, 1024)
     sweep_interval: float = _field(5.0, 0.05, 3600.0)
-    max_cached_pairs: int = _field(200_000, 100, 100_000_000)
 
 
 @dataclasses.dataclass

@@ -146,18 +146,21 @@ class Session:
                     nursery.start_soon(self._writer)
                     try:
                         await self._reader()
+                    except _Close as c:
+                        close_frame, close_code = c.frame, c.code
+                    except TransportClosed:
+                        close_code = None
+                    except FrameError as e:
+                        close_frame = OpError(ErrorCode.BAD_FRAME, str(e)).to_frame(None)
+                        close_code = WS_CLOSE_PROTOCOL
+                        stats.error("bad_frame")
+                        log.info(
+                            "bad_frame conn=%s peer=%s error=%s", self.conn_id, self.transport.peer, e
+                        )
                     finally:
                         nursery.cancel_scope.cancel()
-        except _Close as c:
-            close_frame, close_code = c.frame, c.code
-        except TransportClosed:
-            close_code = None
-        except FrameError as e:
-            close_frame = OpError(ErrorCode.BAD_FRAME, str(e)).to_frame(None)
-            close_code = WS_CLOSE_PROTOCOL
-            stats.error("bad_frame")
-            log.info("bad_frame conn=%s peer=%s error=%s", self.conn_id, self.transport.peer, e)
         except Exception:
+            # The session boundary: a bug here must not take the server down.
             log.exception("session_crashed %r", self)
             close_frame = OpError(ErrorCode.INTERNAL, "internal error").to_frame(None)
             close_code = 1011

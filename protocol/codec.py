@@ -176,8 +176,10 @@ def to_json(frame: Mapping[str, Any]) -> str:
         LocalProtocolError: A value JSON cannot carry (bytes, NaN, ...). A
             bug of the caller.
     """
-    if type(frame) is not dict and not isinstance(frame, Mapping):
-        raise LocalProtocolError(f"a frame must be a mapping, not {type(frame).__name__}")
+    if type(frame) is not dict:
+        if not isinstance(frame, Mapping):
+            raise LocalProtocolError(f"a frame must be a mapping, not {type(frame).__name__}")
+        frame = dict(frame)
     try:
         return _JSON_ENCODER.encode(frame)
     except Exception as exc:  # TypeError, ValueError, RecursionError, ...

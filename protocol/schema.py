@@ -430,11 +430,11 @@ def _compile(schema: OpSchema) -> _Validator:
                     del frame[name]  # an explicit null counts as absent
             else:
                 check(value)
-        if exactly_one and sum(name in frame for name in exactly_one) != 1:
+        if exactly_one and sum(map(frame.__contains__, exactly_one)) != 1:
             raise OpError(ErrorCode.INVALID, exactly_one_error)
-        if at_least_one and not any(name in frame for name in at_least_one):
+        if at_least_one and not any(map(frame.__contains__, at_least_one)):
             raise OpError(ErrorCode.INVALID, at_least_one_error)
-        if at_most_one and sum(name in frame for name in at_most_one) > 1:
+        if at_most_one and sum(map(frame.__contains__, at_most_one)) > 1:
             raise OpError(ErrorCode.INVALID, at_most_one_error)
         return frame
 

@@ -46,22 +46,23 @@ class TestClient:
         return self
 
     @classmethod
-    async def ws(cls, port: int, *, text: bool = False, path: str = "/ws") -> TestClient:
+    async def ws(
+        cls, nursery: trio.Nursery, port: int, *, text: bool = False, path: str = "/ws"
+    ) -> TestClient:
+        """A WebSocket client whose background reader lives in ``nursery``."""
         self = cls()
         self.kind = "ws-json" if text else "ws"
         self.text = text
-        self._ws_cm = trio_websocket.open_websocket_url(f"ws://127.0.0.1:{port}{path}")
-        self.ws = await self._ws_cm.__aenter__()
+        self.ws = await trio_websocket.connect_websocket_url(
+            nursery, f"ws://127.0.0.1:{port}{path}", max_message_size=1 << 26
+        )
         return self
 
     async def aclose(self) -> None:
         if self.kind == "tcp":
             await self.stream.aclose()
         else:
-            try:
-                await self._ws_cm.__aexit__(None, None, None)
-            except trio_websocket.ConnectionClosed:
-                pass
+            await self.ws.aclose()
 
     async def send_frame(self, frame: dict[str, Any]) -> None:
         if self.kind == "tcp":

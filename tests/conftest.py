@@ -124,8 +124,9 @@ async def server(config: Config, db_dsn: str) -> AsyncIterator[ServerInfo]:
 class Clients:
     """Opens test clients and closes them at the end of the test."""
 
-    def __init__(self, info: ServerInfo) -> None:
+    def __init__(self, info: ServerInfo, nursery: trio.Nursery) -> None:
         self.info = info
+        self.nursery = nursery
         self.opened: list[TestClient] = []
 
     async def connect(self, kind: str = "tcp") -> TestClient:
@@ -134,7 +135,7 @@ class Clients:
             c = await TestClient.tcp(self.info.tcp_port)
         else:
             assert self.info.ws_port is not None
-            c = await TestClient.ws(self.info.ws_port, text=(kind == "ws-json"))
+            c = await TestClient.ws(self.nursery, self.info.ws_port, text=(kind == "ws-json"))
         self.opened.append(c)
         return c
 
@@ -146,16 +147,18 @@ class Clients:
 
 @pytest.fixture
 async def clients(server: ServerInfo) -> AsyncIterator[Clients]:
-    cs = Clients(server)
-    try:
-        yield cs
-    finally:
-        with trio.move_on_after(5):
-            for c in cs.opened:
-                try:
-                    await c.aclose()
-                except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
-                    pass
+    async with trio.open_nursery() as nursery:
+        cs = Clients(server, nursery)
+        try:
+            yield cs
+        finally:
+            with trio.move_on_after(5):
+                for c in cs.opened:
+                    try:
+                        await c.aclose()
+                    except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+                        pass
+            nursery.cancel_scope.cancel()
 
 
 async def befriend(a: TestClient, b: TestClient) -> None:

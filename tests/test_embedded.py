@@ -1,13 +1,15 @@
 """Tests for imserver.storage.embedded: the embedded PostgreSQL lifecycle.
 
 initdb takes a few seconds, so most tests start from a copy of one cluster initialized once
-per session.  Every test stops its clusters in ``finally``, and an autouse fixture fails the
-test if any process still runs in (or names) the test's tmp directory.
+per session (on tmpfs when available).  The first test does a real initdb in pytest's
+tmp_path.  Every test stops its clusters in ``finally``, and an autouse fixture fails the
+test if any process still runs in (or names) the test's directories.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import pwd
 import shutil
@@ -15,9 +17,11 @@ import signal
 import stat
 import subprocess
 import sys
+import tempfile
 import textwrap
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +29,7 @@ import asyncpg
 import psutil
 import pytest
 
+from imserver.storage import embedded
 from imserver.storage.embedded import (
     EmbeddedPostgres,
     EmbeddedPostgresError,
@@ -45,7 +50,8 @@ def query(dsn: str, sql: str, *args: Any, database: str | None = None) -> list[a
     async def run() -> list[asyncpg.Record]:
         conn = await asyncpg.connect(dsn, database=database)
         try:
-            return await conn.fetch(sql, *args)
+            rows: list[asyncpg.Record] = await conn.fetch(sql, *args)
+            return rows
         finally:
             await conn.close()
 
@@ -68,7 +74,8 @@ def execute(dsn: str, sql: str, *, database: str | None = None) -> None:
 def alive(pid: int) -> bool:
     """True if ``pid`` runs (zombies count as dead: PID 1 here may not reap orphans)."""
     try:
-        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+        status: str = psutil.Process(pid).status()
+        return bool(status != psutil.STATUS_ZOMBIE)
     except psutil.NoSuchProcess:
         return False
 
@@ -138,20 +145,40 @@ def databases(dsn: str) -> set[str]:
 # --------------------------------------------------------------------------- fixtures
 
 
+@pytest.fixture(scope="session")
+def scratch_base(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """Session directory for cluster copies: on tmpfs (/dev/shm) when available, because a
+    cluster is ~1300 files and file creation on a busy disk can take many seconds."""
+    shm = Path("/dev/shm")
+    if shm.is_dir() and os.access(shm, os.W_OK | os.X_OK):
+        base = Path(tempfile.mkdtemp(prefix="imserver-test-", dir=shm))
+    else:
+        base = tmp_path_factory.mktemp("scratch")
+    try:
+        yield base
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+
+
 @pytest.fixture(autouse=True)
-def no_leftover_processes(tmp_path: Path) -> Iterator[None]:
-    """Fail if a process still runs in the test's tmp directory after the test."""
-    yield
+def work_dir(scratch_base: Path, tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Path]:
+    """A per-test scratch directory (removed afterwards).  After the test, fail if a process
+    still runs in (or names) it or the test's tmp_path."""
+    path = Path(tempfile.mkdtemp(prefix=request.node.name[:24] + "-", dir=scratch_base))
+    yield path
     deadline = time.monotonic() + 5
-    while (left := processes_under(tmp_path)) and time.monotonic() < deadline:
+    while (left := processes_under(tmp_path) + processes_under(path)) and (
+        time.monotonic() < deadline
+    ):
         time.sleep(0.1)
+    shutil.rmtree(path, ignore_errors=True)
     assert not left, f"processes left behind: {left}"
 
 
 @pytest.fixture(scope="session")
-def initialized_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def initialized_dir(scratch_base: Path) -> Path:
     """A stopped, initialized cluster directory to copy (initdb is the slow part)."""
-    data_dir = tmp_path_factory.mktemp("template") / "pg"
+    data_dir = scratch_base / "template" / "pg"
     pg = EmbeddedPostgres(data_dir, fsync=False)
     try:
         pg.start()
@@ -161,9 +188,9 @@ def initialized_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture
-def data_dir(initialized_dir: Path, tmp_path: Path) -> Path:
-    """A private copy of the initialized cluster directory."""
-    dest = tmp_path / "pg"
+def data_dir(initialized_dir: Path, work_dir: Path) -> Path:
+    """A private copy of the initialized cluster directory (``work_dir/"pg"``)."""
+    dest = work_dir / "pg"
     shutil.copytree(initialized_dir, dest, symlinks=True, ignore=shutil.ignore_patterns("log"))
     return dest
 
@@ -172,6 +199,13 @@ def data_dir(initialized_dir: Path, tmp_path: Path) -> Path:
 
 
 def test_fresh_start_query_restart_persists(tmp_path: Path) -> None:
+    """initdb + start in a new directory; unix socket only; no system user; data persists."""
+    passwd_before = Path("/etc/passwd").read_text()
+    try:
+        pwd.getpwnam("embedded_postgres")
+        had_user = True
+    except KeyError:
+        had_user = False
     pg = EmbeddedPostgres(tmp_path / "new" / "pg", fsync=False)
     assert pg.pid is None
     pg.stop()  # safe if never started
@@ -183,10 +217,30 @@ def test_fresh_start_query_restart_persists(tmp_path: Path) -> None:
         assert pg.start() == dsn  # idempotent while running
         assert query(dsn, "select 1 as one")[0]["one"] == 1
         execute(dsn, "create table t (x int); insert into t values (42)")
-        rows = query(dsn, "select current_setting('fsync') f, current_setting('max_connections') m")
-        assert (rows[0]["f"], rows[0]["m"]) == ("off", "100")
+        rows = query(
+            dsn,
+            "select current_setting('fsync') f, current_setting('max_connections') m,"
+            " current_setting('listen_addresses') l, current_setting('server_encoding') e",
+        )
+        assert tuple(rows[0].values()) == ("off", "100", "", "UTF8")
+
+        # No TCP: no inet socket in any server process, no listen address in postmaster.pid.
+        assert pg.pid is not None
+        assert os.getsid(pg.pid) == pg.pid  # own session: a terminal's Ctrl-C doesn't reach it
+        postmaster = psutil.Process(pg.pid)
+        for proc in [postmaster, *postmaster.children(recursive=True)]:
+            assert proc.net_connections(kind="inet") == []
+        lines = (pg.data_dir / "postmaster.pid").read_text().split("\n")
+        assert lines[4] == str(pg.socket_dir)
+        assert lines[5] == ""  # listen address: none
+        if os.geteuid() == 0:
+            # uid 65534 inside its own user namespace, root outside; files owned by root.
+            assert postmaster.uids().real == 0
+            uid_map = Path(f"/proc/{pg.pid}/uid_map").read_text().split()
+            assert uid_map == ["65534", "0", "1"]
+            assert all(p.stat().st_uid == 0 for p in pg.data_dir.iterdir())
+
         old_pid = pg.pid
-        assert old_pid is not None
         pg.stop()
         assert pg.pid is None
         assert not alive(old_pid)
@@ -196,10 +250,15 @@ def test_fresh_start_query_restart_persists(tmp_path: Path) -> None:
     finally:
         pg.stop()
     assert (pg.data_dir / "log" / "postgres.log").stat().st_size > 0
+    assert Path("/etc/passwd").read_text() == passwd_before
+    if not had_user:
+        with pytest.raises(KeyError):
+            pwd.getpwnam("embedded_postgres")
 
 
-def test_long_path_uses_private_tmp_socket_dir(data_dir: Path, tmp_path: Path) -> None:
-    long_dir = tmp_path / ("d" * 100) / "pg"
+def test_long_path_uses_private_tmp_socket_dir(data_dir: Path, work_dir: Path) -> None:
+    """A data directory too long for sun_path gets its socket in a private /tmp dir."""
+    long_dir = work_dir / ("d" * 100) / "pg"
     long_dir.parent.mkdir()
     data_dir.rename(long_dir)
     assert len(str(long_dir / ".s.PGSQL.5432")) > 107
@@ -220,40 +279,10 @@ def test_long_path_uses_private_tmp_socket_dir(data_dir: Path, tmp_path: Path) -
     assert not pg.socket_dir.exists()  # removed at stop
 
 
-def test_no_tcp_no_system_user(data_dir: Path) -> None:
-    passwd_before = Path("/etc/passwd").read_text()
-    try:
-        pwd.getpwnam("embedded_postgres")
-        had_user = True
-    except KeyError:
-        had_user = False
-    pg = EmbeddedPostgres(data_dir, fsync=False)
-    try:
-        pg.start()
-        assert pg.pid is not None
-        postmaster = psutil.Process(pg.pid)
-        for proc in [postmaster, *postmaster.children(recursive=True)]:
-            assert proc.net_connections(kind="inet") == []
-        lines = (data_dir / "postmaster.pid").read_text().split("\n")
-        assert lines[4] == str(data_dir)  # socket directory
-        assert lines[5] == ""  # listen address: none
-        row = query(pg.dsn, "select current_setting('listen_addresses') l")[0]
-        assert row["l"] == ""
-        if os.geteuid() == 0:
-            # the server runs as uid 65534 inside its user namespace; root outside
-            assert postmaster.uids().real == 0
-            uid_map = Path(f"/proc/{pg.pid}/uid_map").read_text().split()
-            assert uid_map == ["65534", "0", "1"]
-            assert data_dir.stat().st_uid == 0
-    finally:
-        pg.stop()
-    assert Path("/etc/passwd").read_text() == passwd_before
-    if not had_user:
-        with pytest.raises(KeyError):
-            pwd.getpwnam("embedded_postgres")
-
-
+@pytest.mark.slow
 def test_pdeathsig_stops_server_when_host_is_killed(data_dir: Path) -> None:
+    """SIGKILL of the host process: the kernel delivers the death signal (SIGINT, fast
+    shutdown) to the postmaster, and a later start() finds the data."""
     host, pid = spawn_host(data_dir, pdeathsig=True)
     pg = EmbeddedPostgres(data_dir, fsync=False)
     try:
@@ -262,6 +291,8 @@ def test_pdeathsig_stops_server_when_host_is_killed(data_dir: Path) -> None:
         host.wait()
         # The kernel sends SIGINT (fast shutdown) to the postmaster when its parent dies.
         assert wait_dead(pid, 15), "postmaster survived its parent: PDEATHSIG not effective"
+        log = (data_dir / "log" / "postgres.log").read_text()
+        assert "received fast shutdown request" in log
         pg.start()
         assert "written_before" in databases(pg.dsn)
     finally:
@@ -272,7 +303,10 @@ def test_pdeathsig_stops_server_when_host_is_killed(data_dir: Path) -> None:
             os.kill(pid, signal.SIGKILL)
 
 
+@pytest.mark.slow
 def test_orphaned_postmaster_is_stopped_and_replaced(data_dir: Path) -> None:
+    """A postmaster that outlived its host (no death signal) is recognized via
+    postmaster.pid and shut down by the next start(), which then serves the same data."""
     host, pid = spawn_host(data_dir, pdeathsig=False)
     pg = EmbeddedPostgres(data_dir, fsync=False)
     try:
@@ -294,6 +328,64 @@ def test_orphaned_postmaster_is_stopped_and_replaced(data_dir: Path) -> None:
             os.kill(pid, signal.SIGKILL)
 
 
+def test_start_from_other_thread_sets_no_death_signal(
+    data_dir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """PDEATHSIG fires when the forking *thread* exits, so it is not set off the main thread."""
+    pg = EmbeddedPostgres(data_dir, fsync=False)
+    try:
+        with (
+            caplog.at_level(logging.WARNING, logger="imserver.storage.embedded"),
+            ThreadPoolExecutor(1) as pool,  # its worker thread exits at the end
+        ):
+            pool.submit(pg.start).result()
+        assert "outside the main thread" in caplog.text
+        time.sleep(0.3)  # the starting thread is gone; the server must not have been stopped
+        assert pg.pid is not None
+        assert query(pg.dsn, "select 1 as one")[0]["one"] == 1
+    finally:
+        pg.stop()
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("unshare"), reason="needs root")
+def test_non_root_runs_binaries_directly(data_dir: Path) -> None:
+    """As a non-root user (simulated: uid 65534 in a user namespace) no namespace is made."""
+    code = textwrap.dedent(
+        f"""
+        import os
+        from pathlib import Path
+        from imserver.storage.embedded import EmbeddedPostgres, create_database
+        assert os.geteuid() == 65534
+        pg = EmbeddedPostgres(Path({str(data_dir)!r}), fsync=False)
+        try:
+            pg.start()
+            uid_map = Path(f"/proc/{{pg.pid}}/uid_map").read_text().split()
+            assert uid_map == ["65534", "0", "1"], uid_map  # ours, not a nested one
+            create_database(pg.dsn, "as_nobody")
+        finally:
+            pg.stop()
+        print("ok")
+        """
+    )
+    res = subprocess.run(
+        ["unshare", "--user", "--map-user=65534", "--map-group=65534", sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+        timeout=60,
+        check=False,
+    )
+    assert res.stdout.strip() == "ok", res.stderr
+    pg = EmbeddedPostgres(data_dir, fsync=False)
+    try:
+        pg.start()
+        assert "as_nobody" in databases(pg.dsn)
+    finally:
+        pg.stop()
+
+
 def _stale_pidfile(data_dir: Path, pid: int) -> None:
     """Write postmaster.pid (and socket lock, socket, .handle_pids.json) naming ``pid``."""
     content = f"{pid}\n{data_dir}\n1700000000\n5432\n{data_dir}\n\n  1234  5678\nready   \n"
@@ -303,56 +395,46 @@ def _stale_pidfile(data_dir: Path, pid: int) -> None:
     (data_dir / ".handle_pids.json").write_text(f'{{"{pid}": "x"}}')
 
 
-def test_stale_pidfile_with_dead_pid(data_dir: Path) -> None:
+def test_stale_pidfile_never_signals_unrelated_processes(data_dir: Path, work_dir: Path) -> None:
+    """postmaster.pid naming a dead PID, a live unrelated process, or a live *postgres* of
+    another data directory: start works and nothing is signalled."""
+    pg = EmbeddedPostgres(data_dir, fsync=False)
     dead = subprocess.Popen(["true"])
     dead.wait()
-    _stale_pidfile(data_dir, dead.pid)
-    pg = EmbeddedPostgres(data_dir, fsync=False)
-    try:
-        pg.start()
-        assert query(pg.dsn, "select 1 as one")[0]["one"] == 1
-        assert not (data_dir / ".handle_pids.json").exists()
-    finally:
-        pg.stop()
-
-
-def test_stale_pidfile_with_live_unrelated_process(data_dir: Path) -> None:
     sleeper = subprocess.Popen(["sleep", "60"])
-    pg = EmbeddedPostgres(data_dir, fsync=False)
+    other_dir = work_dir / "other"
+    other_dir.mkdir()
+    # argv[0] "postgres", "-D <other dir>", cwd elsewhere: looks like another cluster's postmaster
+    other_postgres = subprocess.Popen(
+        ["postgres", "-c", "sleep 60; :", "-D", str(other_dir)],
+        executable="/bin/sh",
+        cwd=other_dir,
+        start_new_session=True,
+    )
     try:
-        _stale_pidfile(data_dir, sleeper.pid)
-        pg.start()
-        assert query(pg.dsn, "select 1 as one")[0]["one"] == 1
+        for pid in (dead.pid, sleeper.pid, other_postgres.pid):
+            _stale_pidfile(data_dir, pid)
+            pg.start()
+            assert query(pg.dsn, "select 1 as one")[0]["one"] == 1
+            assert not (data_dir / ".handle_pids.json").exists()
+            pg.stop()
         time.sleep(0.1)
         assert sleeper.poll() is None, "an unrelated process was signalled"
+        assert other_postgres.poll() is None, "another cluster's postmaster was signalled"
     finally:
         pg.stop()
         sleeper.kill()
         sleeper.wait()
+        os.killpg(other_postgres.pid, signal.SIGKILL)  # the shell and its sleep
+        other_postgres.wait()
 
 
-def test_stale_pidfile_naming_another_clusters_postmaster(data_dir: Path, tmp_path: Path) -> None:
-    """A reused PID can belong to *another* postgres: it must not be touched either."""
-    other_dir = tmp_path / "other"
-    shutil.copytree(data_dir, other_dir, symlinks=True)
-    other = EmbeddedPostgres(other_dir, fsync=False)
-    pg = EmbeddedPostgres(data_dir, fsync=False)
-    try:
-        other.start()
-        assert other.pid is not None
-        _stale_pidfile(data_dir, other.pid)
-        pg.start()
-        assert other.pid is not None
-        assert query(other.dsn, "select 1 as one")[0]["one"] == 1
-        assert query(pg.dsn, "select 1 as one")[0]["one"] == 1
-    finally:
-        pg.stop()
-        other.stop()
-
-
-def test_second_instance_on_same_dir_is_refused(data_dir: Path) -> None:
+def test_second_instance_refused_and_lock_released(data_dir: Path) -> None:
+    """A second EmbeddedPostgres on the same directory is refused while the first runs; the
+    lock is released by stop() and by a failed start()."""
     first = EmbeddedPostgres(data_dir, fsync=False)
-    second = EmbeddedPostgres(data_dir, fsync=False)
+    second = EmbeddedPostgres(data_dir, fsync=False, extra_settings={"work_mem": "8MB"})
+    bad = EmbeddedPostgres(data_dir, fsync=False, extra_settings={"shared_buffers": "lots"})
     try:
         first.start()
         with pytest.raises(EmbeddedPostgresError, match="in use by another imserver") as info:
@@ -362,33 +444,69 @@ def test_second_instance_on_same_dir_is_refused(data_dir: Path) -> None:
         assert second.pid is None
         assert query(first.dsn, "select 1 as one")[0]["one"] == 1
         first.stop()
-        second.start()  # lock released by stop()
-        assert query(second.dsn, "select 1 as one")[0]["one"] == 1
+
+        with pytest.raises(EmbeddedPostgresError, match="exited during startup") as info:
+            bad.start()
+        assert "shared_buffers" in str(info.value)  # the server's complaint, from the log
+        assert bad.pid is None
+
+        second.start()
+        assert query(second.dsn, "select current_setting('work_mem') w")[0]["w"] == "8MB"
     finally:
         first.stop()
         second.stop()
+        bad.stop()
 
 
-def test_startup_failure_reports_log_tail_and_releases_lock(data_dir: Path) -> None:
-    bad = EmbeddedPostgres(data_dir, fsync=False, extra_settings={"shared_buffers": "lots"})
-    with pytest.raises(EmbeddedPostgresError, match="exited during startup") as info:
-        bad.start()
-    assert "shared_buffers" in str(info.value)  # the server's complaint, from the log
-    assert bad.pid is None
-    good = EmbeddedPostgres(data_dir, fsync=False, extra_settings={"work_mem": "8MB"})
+def test_stop_escalates_when_fast_shutdown_hangs(
+    data_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A postmaster that does not react to SIGINT (here: SIGSTOPped) is SIGKILLed after the
+    timeouts; the next start recovers the crashed cluster."""
+    monkeypatch.setattr(embedded, "_ESCALATION_WAIT", 0.3)
+    pg = EmbeddedPostgres(data_dir, fsync=False)
     try:
-        good.start()
-        assert query(good.dsn, "select current_setting('work_mem') w")[0]["w"] == "8MB"
+        pg.start()
+        execute(pg.dsn, "create table t (x int); insert into t values (1)")
+        pid = pg.pid
+        assert pid is not None
+        os.kill(pid, signal.SIGSTOP)
+        started = time.monotonic()
+        pg.stop(timeout=0.3)
+        assert time.monotonic() - started < 10
+        assert pg.pid is None
+        assert not alive(pid)
+        pg.start()
+        assert [r["x"] for r in query(pg.dsn, "select x from t")] == [1]
     finally:
-        good.stop()
+        pg.stop()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="the user namespace is only used as root")
+def test_user_namespace_failure_is_reported(
+    data_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """If unshare() fails (e.g. user namespaces forbidden in a container), start() says so."""
+    monkeypatch.setattr(embedded, "_CLONE_NEWUSER", -1)  # invalid flags: EINVAL
+    pg = EmbeddedPostgres(data_dir, fsync=False)
+    with pytest.raises(EmbeddedPostgresError, match="user namespace") as info:
+        pg.start()
+    assert "unshare(CLONE_NEWUSER) failed" in str(info.value)  # from the log tail
+    monkeypatch.undo()
+    try:
+        pg.start()  # the lock was released
+    finally:
+        pg.stop()
 
 
 def test_reserved_settings_rejected(tmp_path: Path) -> None:
+    """Settings the DSN depends on cannot be overridden."""
     with pytest.raises(ValueError, match="listen_addresses"):
         EmbeddedPostgres(tmp_path, extra_settings={"listen_addresses": "*"})
 
 
 def test_refuses_to_initdb_into_foreign_directory(tmp_path: Path) -> None:
+    """A non-empty directory without PG_VERSION is left alone."""
     (tmp_path / "pg").mkdir(mode=0o700)
     (tmp_path / "pg" / "precious.txt").write_text("keep me")
     pg = EmbeddedPostgres(tmp_path / "pg", fsync=False)
@@ -398,11 +516,11 @@ def test_refuses_to_initdb_into_foreign_directory(tmp_path: Path) -> None:
     pg.stop()
 
 
-def test_test_cluster_and_database_helpers(initialized_dir: Path, tmp_path: Path) -> None:
-    shutil.copytree(initialized_dir, tmp_path / "pg", symlinks=True)
-    pg = start_test_cluster(tmp_path)
+def test_test_cluster_and_database_helpers(data_dir: Path) -> None:
+    """tests/pgcluster.start_test_cluster and the create/drop database helpers."""
+    pg = start_test_cluster(data_dir.parent)
     try:
-        assert pg.data_dir == tmp_path / "pg"
+        assert pg.data_dir == data_dir
         create_database(pg.dsn, "tmpl")
         execute(pg.dsn, "create table t (x int); insert into t values (7)", database="tmpl")
         create_database(pg.dsn, 'clone "1"', template="tmpl")

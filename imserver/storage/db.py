@@ -505,7 +505,8 @@ async def _q_sync(
 ) -> list[dict[str, Any]]:
     rows = await conn.fetch(
         f"""
-        SELECT uc.conv, c.kind, c.last_seq, uc.read_seq, uc.pinned, uc.muted,
+        SELECT uc.conv AS conv_id, c.kind AS conv_kind, c.last_seq, uc.read_seq, uc.pinned,
+               uc.muted,
                (SELECT count(*) FROM (
                     SELECT 1 FROM messages x
                     WHERE x.conv = uc.conv AND x.seq > uc.read_seq AND x.sender <> $1
@@ -525,8 +526,8 @@ async def _q_sync(
     )
     out = []
     for r in rows:
-        conv = r["conv"]
-        kind = r["kind"]
+        conv = r["conv_id"]
+        kind = r["conv_kind"]
         out.append(
             {
                 "conv": conv,

@@ -60,10 +60,10 @@ Two servers on one data directory
 Network exposure
     The server listens only on a Unix-domain socket (``listen_addresses=''``, socket mode
     0700); it never opens a TCP port.  The socket lives in ``data_dir`` if
-    ``<data_dir>/.s.PGSQL.5432`` fits the 107-byte ``sun_path`` limit (and the path has no
-    characters needing quoting in ``unix_socket_directories``), else in a private 0700
-    directory ``/tmp/imserver-pg-<hash of data_dir>`` that must be owned by us and not
-    accessible to others (otherwise we refuse to use it).
+    ``<data_dir>/.s.PGSQL.5432`` fits the 107-byte ``sun_path`` limit (and the path has only
+    characters that need no quoting in ``unix_socket_directories`` or the DSN), else in a
+    private 0700 directory ``/tmp/imserver-pg-<hash of data_dir>`` that must be owned by us
+    and not accessible to others (otherwise we refuse to use it).  It is removed at stop.
 
 ``initdb`` into a non-empty directory
     ``initdb`` refuses a non-empty directory, but ``data_dir`` already holds our lock file
@@ -90,6 +90,7 @@ import hashlib
 import importlib.util
 import logging
 import os
+import re
 import select
 import shutil
 import signal
@@ -129,6 +130,8 @@ _CLONE_NEWUSER = 0x10000000
 _PR_SET_PDEATHSIG = 1
 _ORPHAN_SIGINT_WAIT = 30.0
 _ESCALATION_WAIT = 5.0
+# Paths made of these need no quoting in unix_socket_directories or in the DSN.
+_PLAIN_PATH = re.compile(r"[A-Za-z0-9_./+@:~-]+")
 # Settings the DSN depends on; extra_settings may not override them.
 _RESERVED_SETTINGS = frozenset({"port", "listen_addresses", "unix_socket_directories"})
 
@@ -228,11 +231,12 @@ def _make_preexec(*, userns: bool, pdeathsig: int | None) -> Callable[[], None] 
 def _proc_alive(pid: int) -> bool:
     """True if ``pid`` exists and is not a zombie."""
     try:
-        stat = Path(f"/proc/{pid}/stat").read_bytes()
+        raw = Path(f"/proc/{pid}/stat").read_bytes()
     except OSError:
         return False
     # The state field follows the comm field, which is in parentheses and may contain ")".
-    state = stat[stat.rfind(b")") + 2 : stat.rfind(b")") + 3]
+    end = raw.rfind(b")")
+    state = raw[end + 2 : end + 3]
     return state not in (b"Z", b"X", b"x", b"")
 
 
@@ -334,11 +338,10 @@ def _read_pid_line(path: Path) -> int | None:
 
 
 def _default_socket_dir(data_dir: Path) -> Path:
-    """``data_dir`` if its socket path fits ``sun_path`` and needs no quoting, else /tmp."""
+    """``data_dir`` if its socket path fits ``sun_path`` and has only plain characters (no
+    quoting needed in ``unix_socket_directories`` or the DSN), else a private dir in /tmp."""
     candidate = str(data_dir / _SOCKET_NAME)
-    if len(os.fsencode(candidate)) <= _SUN_PATH_MAX and not any(
-        c.isspace() or c in ',"\\' for c in str(data_dir)
-    ):
+    if len(os.fsencode(candidate)) <= _SUN_PATH_MAX and _PLAIN_PATH.fullmatch(candidate):
         return data_dir
     digest = hashlib.sha256(os.fsencode(str(data_dir))).hexdigest()[:16]
     return Path("/tmp") / f"imserver-pg-{digest}"
@@ -586,6 +589,16 @@ class EmbeddedPostgres:
             preexec_fn=_make_preexec(userns=self._userns, pdeathsig=pdeathsig),
         )
 
+    def _spawn_hint(self) -> str:
+        """Extra explanation for a failure to spawn a PostgreSQL binary."""
+        if not self._userns:
+            return ""
+        return (
+            " (running as root, so PostgreSQL is started as uid 65534 in a new user namespace;"
+            " check that user namespaces are allowed here: /proc/sys/user/max_user_namespaces,"
+            " container seccomp/AppArmor policy)"
+        )
+
     def _open_log(self) -> int:
         """Open the log for appending (close-on-exec in us; Popen dups it for the child)."""
         return os.open(self.log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
@@ -624,7 +637,7 @@ class EmbeddedPostgres:
             # initdb removes its half-made directory on SIGTERM.
             proc = self._spawn(args, log, signal.SIGTERM)
         except (OSError, subprocess.SubprocessError) as exc:
-            raise self._error(f"cannot run initdb: {exc}") from exc
+            raise self._error(f"cannot run initdb: {exc}{self._spawn_hint()}") from exc
         finally:
             os.close(log)
         try:
@@ -684,7 +697,7 @@ class EmbeddedPostgres:
             os.write(log, f"\n=== imserver: starting postgres (pid {os.getpid()}) ===\n".encode())
             self._proc = self._spawn(self._server_args(), log, pdeathsig)
         except (OSError, subprocess.SubprocessError) as exc:
-            raise self._error(f"cannot start postgres: {exc}") from exc
+            raise self._error(f"cannot start postgres: {exc}{self._spawn_hint()}") from exc
         finally:
             os.close(log)
 
