@@ -154,7 +154,10 @@ class TcpConn:
 
     @classmethod
     async def open(cls, host: str, port: int) -> TcpConn:
-        return cls(await trio.open_tcp_stream(host, port))
+        try:
+            return cls(await trio.open_tcp_stream(host, port))
+        except OSError as e:
+            raise BenchError(f"cannot connect to {host}:{port}: {e}") from None
 
     @staticmethod
     def encode(frames: Sequence[dict[str, Any]]) -> bytes:
@@ -233,7 +236,9 @@ class WsConn:
                 )
         except trio.TooSlowError:
             raise Closed(None, "WebSocket handshake timed out") from None
-        except (trio_websocket.HandshakeError, OSError) as e:
+        except OSError as e:
+            raise BenchError(f"cannot connect to {h}:{port}: {e}") from None
+        except trio_websocket.HandshakeError as e:
             raise Closed(None, f"WebSocket handshake failed: {e!r}") from None
         return cls(ws, text)
 

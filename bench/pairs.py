@@ -141,8 +141,9 @@ async def _run_pairs(spec: dict[str, Any], link: common.WorkerLink, background: 
         p.last_ack_seq = last
 
     async def keepalive() -> None:
-        # Registration is slow (argon2), so early connections would sit
-        # silent past heartbeat_timeout: ping everything authenticated so far.
+        # Setup can be slow (argon2 on first run, other workers), so a
+        # connection could sit silent past heartbeat_timeout: from setup to
+        # the end, ping every connection open so far every HEARTBEAT_S.
         while True:
             await trio.sleep(common.HEARTBEAT_S)
             await ping_all()
@@ -156,13 +157,11 @@ async def _run_pairs(spec: dict[str, Any], link: common.WorkerLink, background: 
                     except Closed:
                         pass
 
+    background.start_soon(keepalive)
     try:
-        async with trio.open_nursery() as outer:
-            outer.start_soon(keepalive)
-            async with trio.open_nursery() as n:
-                for p in pairs:
-                    n.start_soon(setup, p)
-            outer.cancel_scope.cancel()
+        async with trio.open_nursery() as n:
+            for p in pairs:
+                n.start_soon(setup, p)
     except BaseException:
         await _close_all(pairs)
         raise
@@ -326,7 +325,6 @@ async def _run_pairs(spec: dict[str, Any], link: common.WorkerLink, background: 
                 for p in pairs:
                     p.phase_ns = int(p.idx * NS / spec["rate"]) % max(interval, 1)
                     n.start_soon(open_scheduler, p, interval)
-            n.start_soon(keepalive)
             n.start_soon(reporter)
             n.start_soon(cpu_probe)
             await trio.sleep_until(trio_deadline(w1))

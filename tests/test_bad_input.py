@@ -124,6 +124,20 @@ def framed(payload: bytes) -> bytes:
     return prefix(len(payload)) + payload
 
 
+async def closed(c: TestClient) -> tuple[list[dict[str, Any]], int | None]:
+    """``c.closed()``, then make sure the client's socket is closed too.
+
+    trio_websocket leaves a client's TCP stream open when the server closes first
+    (it waits for the server's FIN, then ``aclose()`` returns early as the
+    WebSocket is already closed), which would leak the socket (ResourceWarning).
+    """
+    try:
+        return await c.closed()
+    finally:
+        if c.kind != "tcp":
+            await c.ws._stream.aclose()
+
+
 def assert_error(frame: dict[str, Any], code: str, rid: int | None = None) -> None:
     assert frame["op"] == "error", frame
     assert frame["code"] == code, frame
@@ -161,7 +175,7 @@ async def test_oversize_length_prefix_is_refused_before_the_payload(
             bad = await bad_client(clients, authed, i)
             await bad.send_raw(prefix(n))
             with trio.fail_after(3):
-                frames, _ = await bad.closed()
+                frames, _ = await closed(bad)
             assert_closed_with(frames, "bad_frame", f"length {n}")
             if authed:
                 assert server.state.hub.devices(bad.user) == []
@@ -191,7 +205,7 @@ async def test_zero_length_frame(server: ServerInfo, clients: Clients, authed: b
         bad = await bad_client(clients, authed, 0)
         await bad.send_raw(prefix(0))
         with trio.fail_after(3):
-            frames, _ = await bad.closed()
+            frames, _ = await closed(bad)
         assert_closed_with(frames, "bad_frame", "zero length")
         await wait_until(lambda: sessions_of(server) == 2, "bad session to end")
         await pair.check("zero length")
@@ -213,7 +227,7 @@ async def test_truncated_frame_then_eof(server: ServerInfo, clients: Clients, au
             await bad.send_raw(data)
             await bad.stream.send_eof()
             with trio.fail_after(3):
-                frames, _ = await bad.closed()
+                frames, _ = await closed(bad)
             assert_closed_with(frames, "bad_frame", repr(data))
             await wait_until(lambda: sessions_of(server) == 2, "bad session to end")
             await pair.check(f"truncated {data!r}")
@@ -250,7 +264,7 @@ async def test_payload_not_a_frame_is_bad_frame(
             bad = await bad_client(clients, authed, i)
             await bad.send_raw(framed(payload))
             with trio.fail_after(3):
-                frames, _ = await bad.closed()
+                frames, _ = await closed(bad)
             assert_closed_with(frames, "bad_frame", name)
             await wait_until(lambda: sessions_of(server) == 2, f"{name}: bad session to end")
         await pair.check("malformed payloads")
@@ -271,7 +285,7 @@ async def test_bad_frame_after_good_frames_in_one_write(
         )
         await c.send_raw(data)
         with trio.fail_after(3):
-            frames, _ = await c.closed()
+            frames, _ = await closed(c)
         # The good frames may or may not be served (the TCP transport decodes a whole
         # read before dispatching, so the bad frame can discard them), but the answer
         # ends with exactly one bad_frame and the frame after it is never served.
@@ -284,7 +298,7 @@ async def test_bad_frame_after_good_frames_in_one_write(
         await c.ok("sync")
         await c.send_raw(framed(msgpack.packb([1, 2, 3])))
         with trio.fail_after(3):
-            frames, _ = await c.closed()
+            frames, _ = await closed(c)
         assert_closed_with(frames, "bad_frame", "array after pings")
         await pair.check("bad frame after good ones")
 
@@ -307,7 +321,7 @@ async def test_random_megabyte(server: ServerInfo, clients: Clients) -> None:
 
                 nursery.start_soon(blast)
                 with trio.fail_after(5):
-                    frames, _ = await bad.closed()
+                    frames, _ = await closed(bad)
             # The error frame may be lost to a reset (the server closes with
             # our bytes unread), but if anything came, it is one bad_frame.
             assert len(frames) <= 1, (n, frames)
@@ -339,7 +353,7 @@ async def test_first_frame_not_auth_is_unauthorized_and_closes(
         bad = await clients.connect("tcp")
         await bad.send_frame(frame)
         with trio.fail_after(3):
-            frames, _ = await bad.closed()
+            frames, _ = await closed(bad)
         assert len(frames) == 1, frames
         assert_error(frames[0], "unauthorized", rid=1)
         await wait_until(lambda: sessions_of(server) == 2, "bad session to end")
@@ -420,7 +434,7 @@ async def test_failed_login_then_other_op_is_unauthorized_and_closes(
         assert_error(r, "unauthorized", rid=r["rid"])
         await c.send_frame({"op": "sync", "rid": 9})
         with trio.fail_after(3):
-            frames, _ = await c.closed()
+            frames, _ = await closed(c)
         assert len(frames) == 1, frames
         assert_error(frames[0], "unauthorized", rid=9)
         await pair.check("op after failed login")
@@ -440,7 +454,7 @@ async def test_client_that_never_authenticates(server: ServerInfo, clients: Clie
         start = trio.current_time()
         for c in (silent, partial, failed):
             with trio.fail_after(3):
-                frames, _ = await c.closed()
+                frames, _ = await closed(c)
             assert len(frames) == 1, frames
             assert_error(frames[0], "auth_timeout")
         assert trio.current_time() - start < 2.0
@@ -591,7 +605,7 @@ async def test_max_connections(server: ServerInfo, clients: Clients) -> None:
             except (trio.BrokenResourceError, trio.ClosedResourceError):
                 pass
             with trio.fail_after(2):
-                frames, _ = await extra.closed()
+                frames, _ = await closed(extra)
             assert frames == []
             await extra.aclose()
         for x in (a, b, c):
@@ -686,7 +700,7 @@ async def test_slow_consumer_is_kicked_and_loses_nothing(
         # The slow socket was closed by the server: reading it ends (after whatever
         # the kernel had buffered; the kicked frame may be there or not).
         with trio.fail_after(10):
-            got, _ = await slow.closed()
+            got, _ = await closed(slow)
         msgs = [f for f in got if f["op"] == "msg"]
         others = [f for f in got if f["op"] != "msg"]
         assert others in ([], [{"op": "kicked", "reason": "slow_consumer"}]), others
@@ -732,10 +746,10 @@ async def test_pipelined_requests_do_not_kick_a_client_that_reads(
             try:
                 while len(got) < n:
                     got.append(await c.recv_frame())
-            except Closed:
+            except (Closed, trio.BrokenResourceError):
                 pass
-        kicked = [f for f in got if f["op"] != "pong"]
-        assert kicked == [], f"after {len(got) - len(kicked)} pongs: {kicked}"
+        kicks = server.state.stats.kicks
+        assert kicks == {}, f"kicked after {len(got)} of {n} pongs: {kicks}"
         assert [f["rid"] for f in got] == list(range(1, n + 1))
         await c.ok("ping")
         await pair.check("pipelined pings")
@@ -797,7 +811,7 @@ async def test_ws_bad_messages_close_with_the_documented_code(
                 await c.login(f"mallory{i}")
             await ws_send_tolerant(c, message)
             with trio.fail_after(5):
-                frames, code = await c.closed()
+                frames, code = await closed(c)
             assert code == close, (name, code, frames)
             if error is None:
                 assert all(f["op"] == "error" for f in frames), (name, frames)
@@ -819,7 +833,7 @@ async def test_ws_mixed_encodings_close_1002(server: ServerInfo, clients: Client
             await c.ok("ping")
             await c.send_raw(other)
             with trio.fail_after(5):
-                frames, code = await c.closed()
+                frames, code = await closed(c)
             assert code == 1002, (kind, frames)
             assert len(frames) == 1, frames
             assert_error(frames[0], "bad_frame")
@@ -844,7 +858,7 @@ async def test_ws_first_frame_not_auth_is_unauthorized_1008(
             c = await clients.connect(kind)
             await c.send_frame(frame)
             with trio.fail_after(5):
-                frames, code = await c.closed()
+                frames, code = await closed(c)
             assert code == 1008, (frame, code, frames)
             assert len(frames) == 1, (frame, frames)
             assert_error(frames[0], "unauthorized", rid=3)

@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import itertools
 import os
@@ -22,6 +23,7 @@ from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any, BinaryIO
 
+import asyncpg
 import psutil
 import pytest
 import trio
@@ -518,8 +520,10 @@ async def durability_run(
     window: int,
     kill_after_acks: int,
     start_timeout: float,
+    check_dsn: str | None = None,
 ) -> None:
-    """Load, SIGKILL, restart, check, resend the unacked, check, SIGTERM.
+    """Load, SIGKILL, restart, check, resend the unacked, check, SIGTERM under
+    load (then, given ``check_dsn``, check the tables directly).
 
     ``pairs`` pairs of users send to each other (so each conversation has two
     concurrent senders) with ``window`` sends in flight each.
@@ -594,13 +598,61 @@ async def durability_run(
             total += check_conv(conv, views, sent, acked, complete=True)
         assert total == sum(map(len, sent.values()))
 
-        # 4. SIGTERM: a clean exit, with the clients still connected.
-        status = await second.terminate(timeout=15)
+        # 4. SIGTERM under load: a clean exit (status 0) within a few seconds;
+        # every session is kicked with "shutdown".
+        pipes = {u: Pipeline(cs[u], peer[u], window=window) for u in users}
+        async with trio.open_nursery() as nursery:
+            for u in users:
+                nursery.start_soon(pipes[u].run, numbered(f"{u}-t"))
+            with trio.fail_after(30):
+                await wait_until(lambda: sum(len(p.acked) for p in pipes.values()) >= 100)
+            status = await second.terminate(timeout=15)
         assert status == 0, f"exit status {status}:\n{second.log()}"
+        for u, p in pipes.items():
+            assert p.lost
+            assert {"op": "kicked", "reason": "shutdown"} in p.pushes, f"{u}: {p.pushes[-3:]}"
+            assert set(p.errors.values()) <= {"unavailable"}, p.error_log[:5]
+            acked[u].update(p.acked)
+            sent[u].update(p.sent)
+        if check_dsn is not None:
+            await check_tables(check_dsn, sent, acked)
     finally:
         await close_all(opened)
         for s in servers:
             await s.cleanup()
+
+
+async def check_tables(
+    dsn: str, sent: dict[str, set[str]], acked: dict[str, dict[str, dict[str, Any]]]
+) -> None:
+    """The ``messages`` table itself: gap-free seqs, every acked row as acked."""
+
+    async def fetch() -> list[Any]:
+        conn = await asyncpg.connect(dsn)
+        try:
+            return list(
+                await conn.fetch(
+                    "SELECT conv, seq, mid, sender, cid, ts FROM messages ORDER BY mid"
+                )
+            )
+        finally:
+            await conn.close()
+
+    rows = await trio.to_thread.run_sync(lambda: asyncio.run(fetch()))
+    seqs: dict[str, list[int]] = {}
+    for r in rows:
+        seqs.setdefault(r["conv"], []).append(r["seq"])
+    for conv, ss in seqs.items():
+        assert ss == list(range(1, len(ss) + 1)), f"{conv}: seqs in mid order are not 1..N"
+    stored = {(r["sender"], r["cid"]): r for r in rows}
+    assert len(stored) == len(rows)
+    for u in sent:
+        assert {c for s, c in stored if s == u} <= sent[u]
+        for cid, ack in acked[u].items():
+            r = stored.get((u, cid))
+            assert r is not None, f"acknowledged {u}/{cid} not stored"
+            got = (r["mid"], r["conv"], r["seq"], r["ts"])
+            assert got == (ack["mid"], ack["conv"], ack["seq"], ack["ts"]), (cid, got, ack)
 
 
 @pytest.mark.slow
@@ -610,6 +662,7 @@ async def test_sigkill_loses_nothing_acknowledged(db_dsn: str, tmp_path: Path) -
         await durability_run(
             tmp_path,
             {"IMSERVER_DSN": db_dsn},
+            check_dsn=db_dsn,
             pairs=2,
             window=8,
             kill_after_acks=1000,

@@ -382,7 +382,7 @@ def test_safe_rid() -> None:
 # ---------------------------------------------------------------- property
 
 
-@settings(deadline=None, database=None, max_examples=200)
+@settings(deadline=None, database=None, max_examples=100)
 @given(client_like_frames)
 def test_validate_returns_or_raises_op_error(frame: dict[str, Any]) -> None:
     error: OpError | None = None
