@@ -375,16 +375,15 @@ class FrameDecoder:
             raise LocalProtocolError("receive_data() called after EOF")
         buffer = self._buffer
         pos = self._pos
+        # After draining, fewer than 4 + max_frame_bytes bytes are left (a
+        # partial frame); more means next_frame() was not called.
+        if len(buffer) - pos > 4 + self._max_frame_bytes:
+            raise LocalProtocolError("call next_frame() until NEED_DATA before receiving more")
         if pos:
-            unread = len(buffer) - pos
-            if unread > 4 + self._max_frame_bytes:
-                raise LocalProtocolError("call next_frame() until NEED_DATA before receiving more")
             # Compact. Deleting from the front of a bytearray is cheap in
             # CPython (it moves the start pointer) and shrinks big buffers.
             del buffer[:pos]
             self._pos = 0
-        elif len(buffer) > 4 + self._max_frame_bytes:
-            raise LocalProtocolError("call next_frame() until NEED_DATA before receiving more")
         buffer += data
 
     def next_frame(self) -> Frame | _NeedData:

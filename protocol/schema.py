@@ -34,7 +34,7 @@ import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
-from typing import Any, Final
+from typing import Any, Final, TypeVar
 
 from .errors import ErrorCode, OpError
 
@@ -268,6 +268,7 @@ CLIENT_OPS: Final = frozenset(OPS)
 
 # ---------------------------------------------------------------- compiling
 
+_T = TypeVar("_T")
 _Check = Callable[[Any], None]
 _Validator = Callable[[dict[str, Any]], dict[str, Any]]
 
@@ -441,8 +442,92 @@ def _compile(schema: OpSchema) -> _Validator:
     return validate_op
 
 
+def _given(value: _T | None) -> _T:
+    if value is None:
+        raise RuntimeError("the send fast path no longer matches the send schema")
+    return value
+
+
+def _compile_send(schema: OpSchema) -> _Validator:
+    """A fast path for ``send``, the hot operation, with the same results.
+
+    The common case (valid ``to``/``group``/``conv``, ``cid``, ``kind`` and
+    ``body``) is checked inline, with bounds taken from the table; anything
+    unusual (an error, an explicit ``null``) falls back to the generic
+    validator, which then decides and words the error. A property test
+    checks that both agree.
+    """
+    slow = _compile(schema)
+    fields = schema.fields
+    if schema.exactly_one != ("to", "group", "conv") or fields["body"].min_len != 0:
+        raise RuntimeError("the send fast path no longer matches the send schema")
+    group_lo, group_hi = fields["group"].min_len, _given(fields["group"].max_len)
+    conv_lo, conv_hi = fields["conv"].min_len, _given(fields["conv"].max_len)
+    cid_lo, cid_hi = fields["cid"].min_len, _given(fields["cid"].max_len)
+    kinds, kind_default = _given(fields["kind"].choices), _given(fields["kind"].default)
+    body_hi, body_default = _given(fields["body"].max_len), _given(fields["body"].default)
+    # The rarer optional fields, checked by their generic checks, in order.
+    rare = tuple(
+        (name, _CHECK_FACTORIES[spec.type](name, spec))
+        for name, spec in fields.items()
+        if name in ("meta", "mentions", "reply_to")
+    )
+    if any(fields[name].required or fields[name].default is not None for name, _ in rare):
+        raise RuntimeError("the send fast path no longer matches the send schema")
+    user_match = _user_match
+
+    def validate_send(frame: dict[str, Any]) -> dict[str, Any]:
+        get = frame.get
+        cid = get("cid")
+        if type(cid) is not str or not cid_lo <= len(cid) <= cid_hi:
+            return slow(frame)
+        to = get("to")
+        if to is not None:
+            if type(to) is not str or user_match(to) is None or "group" in frame or "conv" in frame:
+                return slow(frame)
+        else:
+            group = get("group")
+            if group is not None:
+                if (
+                    type(group) is not str
+                    or not group_lo <= len(group) <= group_hi
+                    or "to" in frame
+                    or "conv" in frame
+                ):
+                    return slow(frame)
+            else:
+                conv = get("conv")
+                if (
+                    type(conv) is not str
+                    or not conv_lo <= len(conv) <= conv_hi
+                    or "to" in frame
+                    or "group" in frame
+                ):
+                    return slow(frame)
+        kind = get("kind")
+        if kind is None:
+            frame["kind"] = kind_default
+        elif type(kind) is not str or kind not in kinds:
+            return slow(frame)
+        body = get("body")
+        if body is None:
+            frame["body"] = body_default
+        elif type(body) is not str or len(body) > body_hi:
+            return slow(frame)
+        for name, check in rare:
+            value = get(name)
+            if value is None:
+                frame.pop(name, None)  # absent, or an explicit null
+            else:
+                check(value)
+        return frame
+
+    return validate_send
+
+
 _VALIDATORS: Final[Mapping[str, _Validator]] = {
-    name: _compile(schema) for name, schema in OPS.items()
+    name: _compile_send(schema) if name == "send" else _compile(schema)
+    for name, schema in OPS.items()
 }
 
 

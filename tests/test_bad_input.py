@@ -14,9 +14,9 @@ import os
 import socket
 import struct
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
-import msgpack
+import msgpack  # type: ignore[import-untyped]
 import pytest
 import trio
 import trio_websocket
@@ -135,7 +135,7 @@ async def closed(c: TestClient) -> tuple[list[dict[str, Any]], int | None]:
         return await c.closed()
     finally:
         if c.kind != "tcp":
-            await c.ws._stream.aclose()
+            await cast(Any, c).ws._stream.aclose()
 
 
 def assert_error(frame: dict[str, Any], code: str, rid: int | None = None) -> None:
@@ -225,7 +225,7 @@ async def test_truncated_frame_then_eof(server: ServerInfo, clients: Clients, au
         ):
             bad = await bad_client(clients, authed, i)
             await bad.send_raw(data)
-            await bad.stream.send_eof()
+            await cast(Any, bad).stream.send_eof()
             with trio.fail_after(3):
                 frames, _ = await closed(bad)
             assert_closed_with(frames, "bad_frame", repr(data))
@@ -270,37 +270,49 @@ async def test_payload_not_a_frame_is_bad_frame(
         await pair.check("malformed payloads")
 
 
-async def test_bad_frame_after_good_frames_in_one_write(
+async def test_bad_frame_after_good_frames(server: ServerInfo, clients: Clients) -> None:
+    """Frames served before a bad one stay served; the bad one gets bad_frame and a close."""
+    with trio.fail_after(10):
+        pair = await make_pair(server, clients)
+        c = await clients.user("carol")
+        await c.ok("ping")
+        await c.ok("sync")
+        await c.send_raw(framed(msgpack.packb([1, 2, 3])) + encode_frame({"op": "ping", "rid": 9}))
+        with trio.fail_after(3):
+            frames, _ = await closed(c)
+        assert_closed_with(frames, "bad_frame", "array after pings")  # the ping after: unserved
+        await pair.check("bad frame after good ones")
+
+
+@pytest.mark.xfail(
+    reason="server bug: imserver/transport/tcp.py TcpTransport.receive() drops the frames "
+    "decoded before a bad one in the same read",
+    strict=True,
+)
+async def test_good_frames_before_a_bad_one_in_the_same_read_are_served(
     server: ServerInfo, clients: Clients
 ) -> None:
-    """Good frames before a bad one in the same segment are served, then bad_frame and close."""
+    """TCP is a stream: how the client's bytes are split into reads must not matter.
+
+    The WebSocket transport already returns the frames decoded before a failure and
+    raises it on the next call; the TCP transport must do the same.
+    """
     with trio.fail_after(10):
         pair = await make_pair(server, clients)
         c = await clients.user("carol")
         data = (
             encode_frame({"op": "ping", "rid": 1})
-            + encode_frame({"op": "ping", "rid": 2})
+            + encode_frame({"op": "send", "rid": 2, "to": "bob", "cid": "b4bad", "body": "x"})
             + framed(msgpack.packb([1, 2, 3]))
             + encode_frame({"op": "ping", "rid": 3})
         )
-        await c.send_raw(data)
+        await c.send_raw(data)  # about 60 bytes: one read on the server
         with trio.fail_after(3):
             frames, _ = await closed(c)
-        # The good frames may or may not be served (the TCP transport decodes a whole
-        # read before dispatching, so the bad frame can discard them), but the answer
-        # ends with exactly one bad_frame and the frame after it is never served.
-        pongs = [{"op": "pong", "rid": 1}, {"op": "pong", "rid": 2}]
-        assert frames[:-1] in (pongs, pongs[:1], []), frames
-        assert_closed_with(frames[-1:], "bad_frame", "array after pings")
-        # Sent one at a time, the good frames are all served before the bad one.
-        c = await clients.user("dave")
-        await c.ok("ping")
-        await c.ok("sync")
-        await c.send_raw(framed(msgpack.packb([1, 2, 3])))
-        with trio.fail_after(3):
-            frames, _ = await closed(c)
-        assert_closed_with(frames, "bad_frame", "array after pings")
-        await pair.check("bad frame after good ones")
+        await pair.check("bad frame after good ones in one read")
+        assert frames[:1] == [{"op": "pong", "rid": 1}], frames
+        assert [f["op"] for f in frames[1:]] == ["ok", "error"], frames
+        assert_closed_with(frames[2:], "bad_frame", "array after pings")
 
 
 async def test_random_megabyte(server: ServerInfo, clients: Clients) -> None:
@@ -541,16 +553,22 @@ async def test_wrong_field_types_are_invalid_and_keep_the_connection(
 
 
 @pytest.mark.xfail(
-    reason="server bug: session.py _dispatch echoes an out-of-range rid (schema.safe_rid not used)",
+    reason="server bug: imserver/session.py _auth_frame/_dispatch echo an invalid rid "
+    "(protocol.schema.safe_rid not used)",
     strict=True,
 )
 async def test_out_of_range_rid_is_not_echoed(server: ServerInfo, clients: Clients) -> None:
+    """An invalid rid is answered (invalid) but never echoed (schema.safe_rid)."""
     with trio.fail_after(10):
-        c = await clients.user("carol")
+        # Before auth: Session._auth_frame echoes any int, bools included.
+        c = await clients.connect("tcp")
+        await c.send_frame({"op": "login", "rid": True, "user": "x", "password": "password1"})
+        assert_error(await c.recv_frame(), "invalid")
+        await c.login("carol")
+        # After auth: Session._dispatch echoes any int but bools.
         for bad_rid in [-1, 2**53, 2**64 - 1]:
             await c.send_frame({"op": "ping", "rid": bad_rid})
-            f = await c.recv_frame()
-            assert_error(f, "invalid")
+            assert_error(await c.recv_frame(), "invalid")
         await c.ok("ping")
 
 
@@ -617,6 +635,27 @@ async def test_max_connections(server: ServerInfo, clients: Clients) -> None:
         r = await c.request("friend_request", to="dave")
         assert r["op"] == "error", r
         assert r["code"] in ("not_found", "forbidden"), r
+        # A WebSocket connection counts too: refused before the handshake.
+        assert server.ws_port is not None
+        raw = await trio.open_tcp_stream("127.0.0.1", server.ws_port)
+        try:
+            await raw.send_all(
+                b"GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n"
+                b"Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+                b"Sec-WebSocket-Version: 13\r\n\r\n"
+            )
+        except trio.BrokenResourceError:
+            pass
+        answer = b""
+        with trio.fail_after(2):
+            try:
+                while chunk := await raw.receive_some(4096):
+                    answer += chunk
+            except trio.BrokenResourceError:
+                pass
+        await raw.aclose()
+        assert b" 101 " not in answer, answer
+        assert sessions_of(server) == 3
         # Once one leaves, a new connection is served.
         await c.aclose()
         await wait_until(lambda: sessions_of(server) == 2, "carol's session to end")
@@ -636,8 +675,9 @@ async def raw_tcp_client(port: int, rcvbuf: int) -> TestClient:
     await sock.connect(("127.0.0.1", port))
     c = TestClient()
     c.kind = "tcp"
-    c.stream = trio.SocketStream(sock)
-    c.decoder = FrameDecoder(1 << 24)
+    raw = cast(Any, c)  # the attributes TestClient.tcp() sets
+    raw.stream = trio.SocketStream(sock)
+    raw.decoder = FrameDecoder(1 << 24)
     return c
 
 
@@ -683,7 +723,7 @@ async def test_slow_consumer_is_kicked_and_loses_nothing(
                 await sender.send_frame(
                     {"op": "send", "rid": rid, "to": "slowuser", "cid": f"s{i}", "body": body}
                 )
-            got_acks = {}
+            got_acks: dict[int, int] = {}
             while len(got_acks) < len(rids):
                 f = await sender.recv_frame()
                 assert f["op"] == "ok", f
@@ -730,6 +770,11 @@ async def test_slow_consumer_is_kicked_and_loses_nothing(
         await pair.check("slow consumer")
 
 
+@pytest.mark.xfail(
+    reason="server bug: imserver/session.py Session.reply() kicks a client whose replies "
+    "overflow outbound_queue although it reads them all (slow_consumer after 0 pongs)",
+    strict=True,
+)
 async def test_pipelined_requests_do_not_kick_a_client_that_reads(
     server: ServerInfo, clients: Clients
 ) -> None:
@@ -819,7 +864,11 @@ async def test_ws_bad_messages_close_with_the_documented_code(
                 assert len(frames) == 1, (name, frames)
                 assert_error(frames[0], error)
             if authed:
-                assert server.state.hub.devices(c.user) == [], name
+
+                def detached(user: str = c.user) -> bool:
+                    return server.state.hub.devices(user) == []
+
+                await wait_until(detached, f"{name}: detach")
             await wait_until(lambda: sessions_of(server) == 2, f"{name}: session to end")
         await pair.check("bad WebSocket messages")
 
@@ -841,7 +890,8 @@ async def test_ws_mixed_encodings_close_1002(server: ServerInfo, clients: Client
 
 
 def pack_ping() -> bytes:
-    return msgpack.packb({"op": "ping", "rid": 5})
+    packed: bytes = msgpack.packb({"op": "ping", "rid": 5})
+    return packed
 
 
 @pytest.mark.parametrize("kind", ["ws", "ws-json"])

@@ -358,3 +358,59 @@ async def test_full_writer_queue_refuses_at_once(
             if lock is not None:
                 await lock.release()
             await close_all(opened)
+
+
+async def test_stuck_commit_fails_after_commit_timeout(own_dsn: str) -> None:
+    """A commit that cannot finish (here: blocked by a table lock) fails its batch
+    with ``unavailable`` after ``batch.commit_timeout``, commits nothing, and the
+    same cids succeed once the lock is gone, with no seq gap."""
+    cfg = _config(commit_timeout=1.0)
+    opened: list[TestClient] = []
+    lock: _TableLock | None = None
+    with trio.fail_after(40):
+        try:
+            async with running_server(cfg, own_dsn) as info:
+                port = info.tcp_port
+                assert port is not None
+                alice = await connect(port, "alice", register=True)
+                bob = await connect(port, "bob", register=True)
+                opened += [alice, bob]
+                r0 = await alice.ok("send", to="bob", cid="w0", body="body of w0")
+                lock = _TableLock(own_dsn)
+                await lock.acquire()
+                cids = [f"s{i}" for i in range(5)]
+                data, frames = _burst(cids, 100)
+                t0 = trio.current_time()
+                await alice.send_raw(data)
+                with trio.fail_after(10):
+                    got = await _replies(alice, set(frames))
+                waited = trio.current_time() - t0
+                assert all(f["op"] == "error" for f in got.values()), got
+                assert {f["code"] for f in got.values()} == {"unavailable"}
+                assert waited >= 0.9, waited
+                await lock.release()
+                lock = None
+                acked = {"w0": r0}
+                again = await _resend_until_ok(
+                    {"alice": alice}, {"alice": "bob"}, {"alice": cids}, 10
+                )
+                acked.update(again["alice"])
+                assert sorted(f["seq"] for f in again["alice"].values()) == [2, 3, 4, 5, 6]
+                views = {
+                    "alice": await conv_history(alice, "d:alice:bob"),
+                    "bob": await conv_history(bob, "d:alice:bob"),
+                }
+                n = check_conv(
+                    "d:alice:bob",
+                    views,
+                    {"alice": set(acked), "bob": set()},
+                    {"alice": acked, "bob": {}},
+                    complete=True,
+                )
+                assert n == 6
+                await close_all(opened)
+                opened.clear()
+        finally:
+            if lock is not None:
+                await lock.release()
+            await close_all(opened)

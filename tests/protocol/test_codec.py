@@ -608,3 +608,15 @@ def test_encoding_unencodable_values_is_a_local_error() -> None:
         to_json({"op": "x", "v": math.nan})
     with pytest.raises(LocalProtocolError):
         frame_prefix(b"")
+
+
+def test_reprs_and_long_error_details() -> None:
+    assert repr(NEED_DATA) == "NEED_DATA"
+    decoder = FrameDecoder()
+    decoder.receive_data(b"\x00\x00")
+    assert repr(decoder) == "<FrameDecoder open buffered=2>"
+    decoder.receive_data(b"")
+    assert repr(decoder) == "<FrameDecoder eof buffered=2>"
+    with pytest.raises(FrameError) as info:
+        decode_ws("{" + '"' * 300)
+    assert len(info.value.message) < 300

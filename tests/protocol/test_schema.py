@@ -4,24 +4,31 @@ from __future__ import annotations
 
 import copy
 import math
+from collections.abc import Callable
 from typing import Any
 
 import pytest
 from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from protocol.errors import ErrorCode, OpError
 from protocol.schema import (
+    _VALIDATORS,
     CLIENT_OPS,
     MAX_ID,
     MAX_META_DEPTH,
     OPS,
+    FieldSpec,
     FieldType,
+    OpSchema,
+    _compile,
+    _compile_send,
     is_user_name,
     safe_rid,
     validate,
 )
 
-from .strategies import client_like_frames
+from .strategies import client_like_frames, json_values
 
 # The client operations of PROTOCOL.md sections 3 and 5-8.
 EXPECTED_OPS = {
@@ -401,3 +408,73 @@ def test_validate_returns_or_raises_op_error(frame: dict[str, Any]) -> None:
             assert frame.get(name) is not None, name
     # Validating again changes nothing.
     assert validate(copy.deepcopy(frame)) == frame
+
+
+_send_frames = st.fixed_dictionaries(
+    {"op": st.just("send")},
+    optional={
+        "rid": st.none() | st.integers(-1, 2**53) | st.booleans(),
+        "to": st.none() | st.sampled_from(["bob", "b b", "", "a" * 65]) | st.integers(),
+        "group": st.none() | st.text(max_size=3) | st.just("g" * 65) | st.booleans(),
+        "conv": st.none() | st.text(max_size=3) | st.just("c" * 201) | st.floats(),
+        "cid": st.none() | st.text(max_size=3) | st.just("c" * 65) | st.integers(),
+        "kind": st.none() | st.sampled_from(["text", "file", "system", ""]) | st.lists(st.none()),
+        "body": st.none() | st.text(max_size=3) | st.integers(),
+        "meta": st.none() | json_values,
+        "mentions": st.none() | st.lists(st.sampled_from(["a", "b c"]), max_size=3) | st.text(),
+        "reply_to": st.none() | st.integers(-1, 2**53) | st.booleans(),
+    },
+)
+
+
+def _outcome(validator: Callable[[dict[str, Any]], dict[str, Any]], frame: dict[str, Any]) -> Any:
+    frame = copy.deepcopy(frame)
+    try:
+        return validator(frame)
+    except OpError as exc:
+        return (exc.code, exc.message)
+
+
+@settings(deadline=None, database=None, max_examples=150)
+@given(_send_frames)
+def test_send_fast_path_agrees_with_the_generic_validator(frame: dict[str, Any]) -> None:
+    frame.pop("rid", None)  # checked by validate() itself, before either
+    assert _outcome(_VALIDATORS["send"], frame) == _outcome(_compile(OPS["send"]), frame)
+
+
+def test_the_table_is_data() -> None:
+    # A schema outside the table compiles too, with open-ended bounds.
+    schema = OpSchema(
+        name="custom",
+        fields={
+            "n": FieldSpec(FieldType.INT, min=0),
+            "m": FieldSpec(FieldType.INT, max=0),
+            "s": FieldSpec(FieldType.STR, min_len=2),
+            "u": FieldSpec(FieldType.USER_LIST),
+            "d": FieldSpec(FieldType.MAP),
+        },
+    )
+    check = _compile(schema)
+    assert check({"n": 10**30, "m": -(10**30), "s": "x" * 10**5, "u": ["a"] * 10**4})
+    assert check({"d": {"a": [[[[[[[[[[[[[[[[[[[[[]]]]]]]]]]]]]]]]]]]]]}})
+    for frame, message in [
+        ({"n": -1}, "n: must be at least 0"),
+        ({"m": 1}, "m: must be at most 0"),
+        ({"s": "x"}, "s: must be at least 2 characters"),
+    ]:
+        with pytest.raises(OpError, match=message):
+            check(frame)
+
+
+def test_send_fast_path_guards_its_assumptions() -> None:
+    send = OPS["send"]
+    with pytest.raises(RuntimeError):
+        _compile_send(OpSchema("send", send.fields, exactly_one=("to", "group")))
+    fields = dict(send.fields)
+    fields["cid"] = FieldSpec(FieldType.STR, required=True)
+    with pytest.raises(RuntimeError):
+        _compile_send(OpSchema("send", fields, exactly_one=send.exactly_one))
+    fields = dict(send.fields)
+    fields["meta"] = FieldSpec(FieldType.MAP, required=True)
+    with pytest.raises(RuntimeError):
+        _compile_send(OpSchema("send", fields, exactly_one=send.exactly_one))
