@@ -496,6 +496,10 @@ def run(args: argparse.Namespace) -> int:
         "server_python_cpu_pct": observed.get("server_python_cpu_pct"),
         "server_postgres_cpu_pct": observed.get("server_postgres_cpu_pct"),
         "server_runqueue_wait_pct": srv_wait,
+        "server_cpu_us_per_msg": (
+            round(observed["server_cpu_pct"] / 100 / (tot("acked_win") / dur) * 1e6, 1)
+            if observed.get("server_cpu_pct") is not None and tot("acked_win") else None
+        ),
         "cpu_contended": contended,
         "loadavg_1m_after": round(os.getloadavg()[0], 2),
         "server_exit_code": server_exit, "server_log_problems": len(problems),
@@ -522,6 +526,8 @@ def run(args: argparse.Namespace) -> int:
     if result["server_cpu_pct"] is not None:
         gen += (f"; server (CPUs {server_cpus}): {result['server_cpu_pct']:.0f}% "
                 f"(python {result['server_python_cpu_pct']:.0f}%, postgres {result['server_postgres_cpu_pct']:.0f}%)")
+        if result["server_cpu_us_per_msg"] is not None:
+            gen += f", {result['server_cpu_us_per_msg']:.0f} us CPU per acked message"
     lines.append(gen)
     lines.append(
         "  CPU contention (time runnable but waiting for a CPU): load generator "
@@ -534,9 +540,12 @@ def run(args: argparse.Namespace) -> int:
                      "rerun on a quiet machine")
     if saturated:
         lines.append("  WARNING: load generator saturated: results are a lower bound; use --procs")
-    bad = result["gaps"] or result["dups"] or result["ack_out_of_order"] or result["undelivered"] or result["unacked"]
+    bad = result["gaps"] or result["dups"] or result["ack_out_of_order"] or result["undelivered"]
     if bad:
         lines.append("  WARNING: correctness check failed (see counts above)")
+    if result["unacked"]:
+        lines.append(f"  WARNING: {result['unacked']:,} sends were still unanswered {common.MAX_DRAIN_S:g} s after the "
+                     "window: the server has a backlog (overloaded); latencies above exclude them")
     if problems:
         lines.append(f"  WARNING: server log has {len(problems)} warning/error line(s) ({common.SERVER_LOG}), first:")
         lines += ["    " + p[:300] for p in problems[:5]]

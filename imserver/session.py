@@ -94,6 +94,10 @@ class Session:
         self.last_rx = self.connected_at
         self.kick_reason: KickReason | None = None
         self._send, self._recv = trio.open_memory_channel[Payload](state.cfg.limits.outbound_queue)
+        self._inflight = trio.Semaphore(max(1, state.cfg.limits.outbound_queue // 2))
+        self._pending = 0
+        self._commits_done = trio.Event()
+        self._writer_done = trio.Event()
         self._scope: trio.CancelScope | None = None
         self._writing = False
         self._attached = False
@@ -116,6 +120,34 @@ class Session:
     def reply(self, frame: dict[str, Any]) -> None:
         """Queue a reply frame (same queue, so order with pushes holds)."""
         self.deliver(Payload(frame))
+
+    async def respond(self, frame: dict[str, Any]) -> None:
+        """Queue a reply from the reader, waiting for room (backpressure, not a kick).
+
+        A client that pipelines requests but reads its replies is slowed down,
+        never kicked: only pushes (:meth:`deliver`) kick on a full queue.
+        """
+        try:
+            await self._send.send(Payload(frame))
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass
+
+    async def acquire_inflight(self) -> None:
+        """Wait for a slot for one more request answered after a commit.
+
+        At most half the outbound queue can be owed as commit replies, so
+        those replies always find room and a pipelining client is throttled
+        by the reader waiting here rather than kicked.
+        """
+        await self._inflight.acquire()
+        self._pending += 1
+
+    def release_inflight(self) -> None:
+        """Give back the slot of a request whose commit reply was queued."""
+        self._inflight.release()
+        self._pending -= 1
+        if not self._pending:
+            self._commits_done.set()
 
     def kick(self, reason: KickReason) -> None:
         """End this connection with a ``kicked`` frame (first reason wins)."""
@@ -148,6 +180,7 @@ class Session:
                         await self._reader()
                     except _Close as c:
                         close_frame, close_code = c.frame, c.code
+                        await self._await_commits()
                     except TransportClosed:
                         close_code = None
                     except FrameError as e:
@@ -157,6 +190,7 @@ class Session:
                         log.info(
                             "bad_frame conn=%s peer=%s error=%s", self.conn_id, self.transport.peer, e
                         )
+                        await self._await_commits()
                     finally:
                         nursery.cancel_scope.cancel()
         except Exception:
@@ -174,6 +208,22 @@ class Session:
                 close_code = self.kick_reason.ws_close_code
             await self._finish(close_frame, close_code)
 
+    async def _await_commits(self) -> None:
+        """Before a graceful close, let every queued reply go out, then stop the writer.
+
+        Waits (bounded by ``batch.commit_timeout``) for the replies of sends
+        already accepted, then closes the outbound channel so the writer
+        drains it and returns by itself; cancelling it instead could lose a
+        frame it had just taken off the queue.
+        """
+        with trio.move_on_after(self.state.cfg.batch.commit_timeout):
+            while self._pending:
+                self._commits_done = trio.Event()
+                await self._commits_done.wait()
+        self._send.close()
+        with trio.move_on_after(1.0):
+            await self._writer_done.wait()
+
     async def _finish(self, frame: dict[str, Any] | None, code: int | None) -> None:
         with trio.CancelScope(shield=True), trio.move_on_after(1.0):
             try:
@@ -184,14 +234,23 @@ class Session:
             await self.transport.close(code)
 
     async def _writer(self) -> None:
+        try:
+            await self._write_loop()
+        finally:
+            self._writer_done.set()
+
+    async def _write_loop(self) -> None:
         recv = self._recv
         transport = self.transport
         while True:
-            batch = [await recv.receive()]
+            try:
+                batch = [await recv.receive()]
+            except trio.EndOfChannel:
+                return
             try:
                 while len(batch) < WRITER_BATCH:
                     batch.append(recv.receive_nowait())
-            except trio.WouldBlock:
+            except (trio.WouldBlock, trio.EndOfChannel):
                 pass
             self._writing = True
             try:
@@ -228,7 +287,7 @@ class Session:
 
     async def _auth_frame(self, frame: dict[str, Any]) -> None:
         op = frame.get("op")
-        rid = frame.get("rid") if isinstance(frame.get("rid"), int) else None
+        rid = schema.safe_rid(frame)
         if op not in AUTH_OPS:
             self.state.stats.error("unauthorized")
             raise _Close(
@@ -239,10 +298,10 @@ class Session:
             await self._authenticate(frame)
         except OpError as e:
             self.state.stats.error(e.code.value)
-            self.reply(e.to_frame(rid))
+            await self.respond(e.to_frame(rid))
         except StorageError as e:
             self.state.stats.error("unavailable")
-            self.reply(OpError(ErrorCode.UNAVAILABLE, str(e)).to_frame(rid))
+            await self.respond(OpError(ErrorCode.UNAVAILABLE, str(e)).to_frame(rid))
 
     async def _authenticate(self, f: dict[str, Any]) -> None:
         state = self.state
@@ -281,7 +340,7 @@ class Session:
             reply["rid"] = f["rid"]
         if token is not None:
             reply["token"] = token
-        self.reply(reply)
+        await self.respond(reply)
         log.info(
             "session_ready conn=%s user=%s device=%s via=%s peer=%s",
             self.conn_id, user, device, op, self.transport.peer,
@@ -301,9 +360,7 @@ class Session:
                 state.friends.announce(self.user, self.relations)
 
     async def _dispatch(self, frame: dict[str, Any]) -> None:
-        rid = frame.get("rid")
-        if not isinstance(rid, int) or isinstance(rid, bool):
-            rid = None
+        rid = schema.safe_rid(frame)
         try:
             frame = schema.validate(frame)
             op = frame["op"]
@@ -321,21 +378,21 @@ class Session:
             result = await handler(self, frame)
         except OpError as e:
             self.state.stats.error(e.code.value)
-            self.reply(e.to_frame(rid))
+            await self.respond(e.to_frame(rid))
             return
         except StorageUnavailable as e:
             self.state.stats.error("unavailable")
-            self.reply(OpError(ErrorCode.UNAVAILABLE, str(e)).to_frame(rid))
+            await self.respond(OpError(ErrorCode.UNAVAILABLE, str(e)).to_frame(rid))
             return
         except StorageError:
             log.exception("storage_error conn=%s op=%s", self.conn_id, frame.get("op"))
             self.state.stats.error("internal")
-            self.reply(OpError(ErrorCode.INTERNAL, "internal error").to_frame(rid))
+            await self.respond(OpError(ErrorCode.INTERNAL, "internal error").to_frame(rid))
             return
         if result is not None and rid is not None:
             result["op"] = "ok"
             result["rid"] = rid
-            self.reply(result)
+            await self.respond(result)
 
 
 # -- handlers: one per op (READY state) ------------------------------------
@@ -345,7 +402,7 @@ async def _ping(s: Session, f: dict[str, Any]) -> None:
     pong: dict[str, Any] = {"op": "pong"}
     if "rid" in f:
         pong["rid"] = f["rid"]
-    s.reply(pong)
+    await s.respond(pong)
     return None
 
 

@@ -380,8 +380,8 @@ class FrameDecoder:
         if len(buffer) - pos > 4 + self._max_frame_bytes:
             raise LocalProtocolError("call next_frame() until NEED_DATA before receiving more")
         if pos:
-            # Compact. Deleting from the front of a bytearray is cheap in
-            # CPython (it moves the start pointer) and shrinks big buffers.
+            # Compact (next_frame() does so too before NEED_DATA). Deleting
+            # from the front of a bytearray is cheap in CPython.
             del buffer[:pos]
             self._pos = 0
         buffer += data
@@ -421,6 +421,11 @@ class FrameDecoder:
                 return frame
         if self._eof and have > pos:
             raise FrameError(f"truncated frame: {have - pos} bytes before EOF")
+        if pos:
+            # Keep only the partial frame; this also shrinks a big buffer
+            # while the connection waits for the rest.
+            del buffer[:pos]
+            self._pos = 0
         return NEED_DATA
 
     def frames(self) -> list[Frame]:

@@ -40,9 +40,13 @@ from .errors import ErrorCode, OpError
 
 __all__ = [
     "CLIENT_OPS",
+    "GROUP_ROLES",
+    "MAX_BODY_CHARS",
     "MAX_ID",
     "MAX_META_DEPTH",
     "OPS",
+    "PRESENCE_STATUSES",
+    "SEND_KINDS",
     "FieldSpec",
     "FieldType",
     "OpSchema",
@@ -154,14 +158,21 @@ PRESENCE_STATUSES: Final = frozenset({"online", "away", "busy"})
 GROUP_ROLES: Final = frozenset({"owner", "admin", "member"})
 
 
-def _op(name: str, /, *rules: tuple[str, tuple[str, ...]], **fields: FieldSpec) -> OpSchema:
-    kwargs = dict(rules)
+def _op(
+    name: str,
+    /,
+    *,
+    exactly_one: tuple[str, ...] = (),
+    at_least_one: tuple[str, ...] = (),
+    at_most_one: tuple[str, ...] = (),
+    **fields: FieldSpec,
+) -> OpSchema:
     return OpSchema(
         name=name,
         fields=MappingProxyType({"rid": _RID, **fields}),
-        exactly_one=kwargs.get("exactly_one", ()),
-        at_least_one=kwargs.get("at_least_one", ()),
-        at_most_one=kwargs.get("at_most_one", ()),
+        exactly_one=exactly_one,
+        at_least_one=at_least_one,
+        at_most_one=at_most_one,
     )
 
 
@@ -179,7 +190,7 @@ _SCHEMAS: Final = (
     # §5 sending
     _op(
         "send",
-        ("exactly_one", ("to", "group", "conv")),
+        exactly_one=("to", "group", "conv"),
         to=FieldSpec(FieldType.USER),
         group=FieldSpec(FieldType.STR, min_len=1, max_len=64),
         conv=FieldSpec(FieldType.STR, min_len=1, max_len=200),
@@ -194,7 +205,7 @@ _SCHEMAS: Final = (
     _op("sync"),
     _op(
         "history",
-        ("at_most_one", ("after_seq", "before_seq")),
+        at_most_one=("after_seq", "before_seq"),
         conv=_CONV,
         after_seq=FieldSpec(FieldType.INT, min=0, max=MAX_ID),
         before_seq=FieldSpec(FieldType.INT, min=0, max=MAX_ID),
@@ -207,14 +218,14 @@ _SCHEMAS: Final = (
     _op("delete", mid=_MID),
     _op(
         "conv_set",
-        ("at_least_one", ("pinned", "muted")),
+        at_least_one=("pinned", "muted"),
         conv=_CONV,
         pinned=FieldSpec(FieldType.BOOL),
         muted=FieldSpec(FieldType.BOOL),
     ),
     _op(
         "typing",
-        ("exactly_one", ("to", "group")),
+        exactly_one=("to", "group"),
         to=FieldSpec(FieldType.USER),
         group=FieldSpec(FieldType.STR, min_len=1, max_len=64),
         on=FieldSpec(FieldType.BOOL, required=True),

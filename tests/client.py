@@ -63,6 +63,8 @@ class TestClient:
             await self.stream.aclose()
         else:
             await self.ws.aclose()
+            # trio-websocket leaves its TCP stream open when the server closed first.
+            await self.ws._stream.aclose()
 
     async def send_frame(self, frame: dict[str, Any]) -> None:
         if self.kind == "tcp":

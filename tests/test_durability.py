@@ -422,13 +422,6 @@ async def test_same_cid_twice_in_one_batch(db_dsn: str) -> None:
             await close_all(opened)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="server bug: a repeated cid is checked against friendship/blocks before the"
-    " (sender, cid) lookup, so a resend after the peer blocked or unfriended gets"
-    " 'forbidden' instead of the first send's reply (ChatService.send,"
-    " imserver/services/chat.py)",
-)
 async def test_repeat_gets_first_reply_after_block_or_unfriend(clients: Clients) -> None:
     """PROTOCOL §5: a repeat "at any later time" replies with the first send's
     mid/conv/seq/ts "whatever the repeat carries". A client that lost the reply

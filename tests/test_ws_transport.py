@@ -10,6 +10,8 @@ client over a raw trio stream. Every test runs under ``trio.fail_after``.
 from __future__ import annotations
 
 import json
+import socket
+import struct
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -20,7 +22,13 @@ import msgpack  # type: ignore[import-untyped]
 import pytest
 import trio
 import trio.testing
-from trio_websocket import ConnectionClosed, ConnectionRejected, open_websocket_url
+from trio_websocket import (
+    ConnectionClosed,
+    ConnectionRejected,
+    WebSocketConnection,
+    open_websocket_url,
+    wrap_client_stream,
+)
 from wsproto import WSConnection
 from wsproto.connection import Connection, ConnectionType
 from wsproto.events import (
@@ -36,7 +44,7 @@ from wsproto.events import (
 )
 
 from imserver.transport.base import Payload, TransportClosed
-from imserver.transport.websocket import WebSocketTransport
+from imserver.transport.websocket import CLOSE_TIMEOUT, WebSocketTransport
 from protocol.errors import FrameError
 
 TIMEOUT = 10
@@ -142,6 +150,23 @@ async def ws_server(session: Session = echo, **accept_kwargs: Any) -> AsyncItera
             nursery.cancel_scope.cancel()
 
 
+@asynccontextmanager
+async def ws_client(url: str) -> AsyncIterator[WebSocketConnection]:
+    """``open_websocket_url``, plus closing its socket after a server-side close.
+
+    trio-websocket 0.12's client never closes its TCP stream when the server
+    initiates the close: its reader stops at EOF once the handshake is over
+    and ``aclose()`` returns early because a close reason is already set. The
+    socket would then be collected unclosed (a ``ResourceWarning``, an error
+    here).
+    """
+    async with open_websocket_url(url) as ws:
+        try:
+            yield ws
+        finally:
+            await ws._stream.aclose()
+
+
 # -- a raw wsproto client, for what trio-websocket does not send -------------
 
 
@@ -157,7 +182,7 @@ async def raw_connect(port: int) -> tuple[trio.SocketStream, WSConnection]:
             return stream, ws
 
 
-async def raw_events(stream: trio.SocketStream, ws: WSConnection) -> list[Event]:
+async def raw_events(stream: trio.abc.Stream, ws: WSConnection) -> list[Event]:
     """Read until wsproto gives at least one event (a close event on EOF)."""
     while True:
         try:
@@ -170,7 +195,7 @@ async def raw_events(stream: trio.SocketStream, ws: WSConnection) -> list[Event]
             return events
 
 
-async def raw_messages(stream: trio.SocketStream, ws: WSConnection, count: int) -> list[Any]:
+async def raw_messages(stream: trio.abc.Stream, ws: WSConnection, count: int) -> list[Any]:
     """Read ``count`` whole messages (bytes or str), reassembling fragments."""
     messages: list[Any] = []
     parts: list[Any] = []
@@ -186,12 +211,18 @@ async def raw_messages(stream: trio.SocketStream, ws: WSConnection, count: int) 
     return messages
 
 
-async def raw_close_code(stream: trio.SocketStream, ws: WSConnection) -> int:
+async def raw_close_code(stream: trio.abc.Stream, ws: WSConnection) -> int:
     """Skip to the server's close frame and return its code."""
     while True:
         for event in await raw_events(stream, ws):
             if isinstance(event, CloseConnection):
                 return event.code
+
+
+async def abort(stream: trio.SocketStream) -> None:
+    """Close with a TCP reset (SO_LINGER 0), so the server's next I/O fails."""
+    stream.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    await stream.aclose()
 
 
 async def http_exchange(port: int, request: bytes) -> bytes:
@@ -211,7 +242,7 @@ async def http_exchange(port: int, request: bytes) -> bytes:
 async def test_msgpack_echo() -> None:
     with trio.fail_after(TIMEOUT):
         async with ws_server() as server:
-            async with open_websocket_url(server.url) as ws:
+            async with ws_client(server.url) as ws:
                 await ws.send_message(pack({"op": "ping", "rid": 1}))
                 reply = await ws.get_message()
                 assert isinstance(reply, bytes)
@@ -224,7 +255,7 @@ async def test_msgpack_echo() -> None:
 async def test_several_maps_in_one_binary_message() -> None:
     frames = [{"op": "a", "rid": 1}, {"op": "b", "x": [1, 2.5, None]}, {"op": "c", "s": "é"}]
     with trio.fail_after(TIMEOUT):
-        async with ws_server() as server, open_websocket_url(server.url) as ws:
+        async with ws_server() as server, ws_client(server.url) as ws:
             await ws.send_message(b"".join(pack(f) for f in frames))
             reply = await ws.get_message()
             assert isinstance(reply, bytes)
@@ -235,7 +266,7 @@ async def test_several_maps_in_one_binary_message() -> None:
 
 async def test_json_text_echo() -> None:
     with trio.fail_after(TIMEOUT):
-        async with ws_server() as server, open_websocket_url(server.url) as ws:
+        async with ws_server() as server, ws_client(server.url) as ws:
             await ws.send_message('{"op":"ping","rid":2,"note":"héllo ✓"}')
             reply = await ws.get_message()
             assert isinstance(reply, str)
@@ -245,7 +276,7 @@ async def test_json_text_echo() -> None:
 
 async def test_mixed_text_then_binary_closes_1002() -> None:
     with trio.fail_after(TIMEOUT):
-        async with ws_server() as server, open_websocket_url(server.url) as ws:
+        async with ws_server() as server, ws_client(server.url) as ws:
             await ws.send_message('{"op":"ping"}')
             assert json.loads(await ws.get_message()) == {"op": "ping"}
             await ws.send_message(pack({"op": "ping"}))
@@ -268,7 +299,7 @@ async def test_message_over_max_message_bytes_closes_1009(text: bool) -> None:
         big = pack({"op": "x", "pad": "a" * 6000})
     with trio.fail_after(TIMEOUT):
         async with ws_server(max_message_bytes=4096) as server:
-            async with open_websocket_url(server.url) as ws:
+            async with ws_client(server.url) as ws:
                 await ws.send_message(big)
                 with pytest.raises(ConnectionClosed) as info:
                     await ws.get_message()
@@ -283,7 +314,7 @@ async def test_map_over_max_frame_bytes_raises_frame_error() -> None:
     message = pack({"op": "ok"}) + pack({"op": "x", "pad": "a" * 2000})
     with trio.fail_after(TIMEOUT):
         async with ws_server(max_frame_bytes=1024) as server:
-            async with open_websocket_url(server.url) as ws:
+            async with ws_client(server.url) as ws:
                 await ws.send_message(message)
                 with pytest.raises(ConnectionClosed) as info:
                     await ws.get_message()
@@ -360,12 +391,19 @@ async def test_handshake_over_max_handshake_bytes_is_refused() -> None:
 
 
 async def test_wrong_path_is_404() -> None:
+    # trio-websocket's client, on a stream we own: open_websocket_url() leaves
+    # its socket unclosed when the handshake is refused (trio-websocket 0.12).
+    rejected: list[ConnectionRejected] = []
     with trio.fail_after(TIMEOUT):
         async with ws_server() as server:
-            with pytest.raises(ConnectionRejected) as info:
-                async with open_websocket_url(f"ws://127.0.0.1:{server.port}/nope"):
-                    pass  # pragma: no cover
-            assert info.value.status_code == 404
+            stream = await trio.open_tcp_stream("127.0.0.1", server.port)
+            async with stream:
+                try:
+                    async with trio.open_nursery() as nursery:
+                        await wrap_client_stream(nursery, stream, "127.0.0.1", "/nope")
+                except* ConnectionRejected as group:
+                    rejected.extend(group.exceptions)  # type: ignore[arg-type]
+            assert [e.status_code for e in rejected] == [404]
             await server.done.wait()
             assert server.outcomes == ["refused"]
 
@@ -395,8 +433,28 @@ _UPGRADE = (
             b"Sec-WebSocket-Key: short\r\nSec-WebSocket-Version: 13\r\n\r\n",
             b"400",
         ),
+        (
+            b"GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+            b"Sec-WebSocket-Key: AAAAAAAAAAA=\r\nSec-WebSocket-Version: 13\r\n\r\n",
+            b"400",
+        ),
+        (
+            b"GET /ws HTTP/1.1\r\nHost: x\r\n" + _UPGRADE + b"Sec-WebSocket-Version: 13\r\n"
+            b"Content-Length: 5\r\n\r\nhello",
+            b"400",
+        ),
     ],
-    ids=["no-upgrade", "wrong-path", "not-http", "post", "no-version", "old-version", "bad-key"],
+    ids=[
+        "no-upgrade",
+        "wrong-path",
+        "not-http",
+        "post",
+        "no-version",
+        "old-version",
+        "bad-key",
+        "short-key",
+        "body",
+    ],
 )
 async def test_bad_requests_are_refused(request_bytes: bytes, status: bytes) -> None:
     with trio.fail_after(TIMEOUT):
@@ -406,6 +464,21 @@ async def test_bad_requests_are_refused(request_bytes: bytes, status: bytes) -> 
             assert b"Upgrade: websocket" not in response
             if status == b"426":
                 assert b"Sec-WebSocket-Version: 13\r\n" in response
+            await server.done.wait()
+            assert server.outcomes == ["refused"]
+
+
+@pytest.mark.parametrize("reset", [False, True])
+async def test_peer_leaving_mid_handshake_gets_no_answer(reset: bool) -> None:
+    with trio.fail_after(TIMEOUT):
+        async with ws_server() as server:
+            stream = await trio.open_tcp_stream("127.0.0.1", server.port)
+            await stream.send_all(b"GET /ws HTTP/1.1\r\nHost: x\r\n")
+            await trio.testing.wait_all_tasks_blocked()
+            if reset:
+                await abort(stream)
+            else:
+                await stream.aclose()
             await server.done.wait()
             assert server.outcomes == ["refused"]
 
@@ -450,7 +523,7 @@ async def test_frame_pipelined_with_the_handshake_is_not_lost() -> None:
 
 async def test_ping_is_answered() -> None:
     with trio.fail_after(TIMEOUT):
-        async with ws_server() as server, open_websocket_url(server.url) as ws:
+        async with ws_server() as server, ws_client(server.url) as ws:
             await ws.ping(b"one")  # returns once the pong is in
             await ws.send_message(pack({"op": "x"}))
             assert msgpack.unpackb(await ws.get_message()) == {"op": "x"}
@@ -482,7 +555,7 @@ async def test_pings_while_the_writer_is_busy() -> None:
             await reader()
 
     with trio.fail_after(TIMEOUT):
-        async with ws_server(session) as server, open_websocket_url(server.url) as ws:
+        async with ws_server(session) as server, ws_client(server.url) as ws:
             received: list[Any] = []
 
             async def consume() -> None:
@@ -504,7 +577,7 @@ async def test_pings_while_the_writer_is_busy() -> None:
 async def test_client_close_ends_receive_and_is_echoed() -> None:
     with trio.fail_after(TIMEOUT):
         async with ws_server() as server:
-            async with open_websocket_url(server.url) as ws:
+            async with ws_client(server.url) as ws:
                 await ws.send_message(pack({"op": "x"}))
                 await ws.get_message()
                 await ws.aclose(code=4321, reason="bye")
@@ -514,29 +587,6 @@ async def test_client_close_ends_receive_and_is_echoed() -> None:
             [outcome] = server.outcomes
             assert isinstance(outcome, TransportClosed)
             assert "4321" in str(outcome)
-
-
-async def test_frames_before_a_close_frame_are_delivered_first() -> None:
-    got: list[list[dict[str, Any]]] = []
-
-    async def session(transport: WebSocketTransport, server: Server) -> None:
-        got.append(await transport.receive())
-        with pytest.raises(TransportClosed):
-            await transport.receive()
-        with pytest.raises(TransportClosed):
-            await transport.send([Payload({"op": "late"})])
-        await transport.close()  # a no-op now
-
-    with trio.fail_after(TIMEOUT):
-        async with ws_server(session) as server:
-            stream, ws = await raw_connect(server.port)
-            await stream.send_all(
-                ws.send(Message(data=pack({"op": "last"}))) + ws.send(CloseConnection(code=1000))
-            )
-            assert await raw_close_code(stream, ws) == 1000
-            await stream.aclose()
-            await server.done.wait()
-            assert got == [[{"op": "last"}]]
 
 
 async def test_bad_websocket_framing_closes_1002() -> None:
@@ -551,6 +601,33 @@ async def test_bad_websocket_framing_closes_1002() -> None:
             [outcome] = server.outcomes
             assert isinstance(outcome, TransportClosed)
             assert "framing" in str(outcome)
+
+
+@pytest.mark.parametrize(("code", "seen"), [(None, 1005), (999, 1011), (1000, 1000)])
+async def test_close_codes(code: int | None, seen: int) -> None:
+    async def session(transport: WebSocketTransport, server: Server) -> None:
+        await transport.close(code)
+
+    with trio.fail_after(TIMEOUT):
+        async with ws_server(session) as server, ws_client(server.url) as ws:
+            with pytest.raises(ConnectionClosed) as info:
+                await ws.get_message()
+            assert info.value.reason.code == seen
+            await server.done.wait()
+
+
+async def test_reset_by_peer_ends_receive() -> None:
+    with trio.fail_after(TIMEOUT):
+        async with ws_server() as server:
+            stream, ws = await raw_connect(server.port)
+            await stream.send_all(ws.send(Message(data=pack({"op": "x"}))))
+            assert len(await raw_messages(stream, ws, 1)) == 1
+            assert "msgpack open" in repr(server.transports[0])
+            await abort(stream)
+            await server.done.wait()
+            [outcome] = server.outcomes
+            assert isinstance(outcome, TransportClosed)
+            assert "closed" in repr(server.transports[0])
 
 
 @pytest.mark.parametrize("reader_active", [False, True])
@@ -579,7 +656,7 @@ async def test_server_close_sends_code_and_completes_the_handshake(reader_active
             await transport.send([Payload({"op": "late"})])
 
     with trio.fail_after(TIMEOUT):
-        async with ws_server(session) as server, open_websocket_url(server.url) as ws:
+        async with ws_server(session) as server, ws_client(server.url) as ws:
             await ws.send_message(pack({"op": "x"}))
             await ws.get_message()
             with pytest.raises(ConnectionClosed) as info:
@@ -665,7 +742,7 @@ async def test_send_of_1000_payloads_is_one_send_all(text: bool, max_message_byt
     with trio.fail_after(TIMEOUT):
         async with (
             ws_server(session, max_message_bytes=max_message_bytes) as server,
-            open_websocket_url(server.url) as ws,
+            ws_client(server.url) as ws,
         ):
             await ws.send_message('{"op":"go"}' if text else pack({"op": "go"}))
             received: list[Any] = []
@@ -697,7 +774,7 @@ async def test_send_before_the_encoding_is_known_uses_msgpack() -> None:
         await transport.close(1008)
 
     with trio.fail_after(TIMEOUT):
-        async with ws_server(session) as server, open_websocket_url(server.url) as ws:
+        async with ws_server(session) as server, ws_client(server.url) as ws:
             assert msgpack.unpackb(await ws.get_message()) == {
                 "op": "error",
                 "code": "auth_timeout",
@@ -705,3 +782,138 @@ async def test_send_before_the_encoding_is_known_uses_msgpack() -> None:
             with pytest.raises(ConnectionClosed) as info:
                 await ws.get_message()
             assert info.value.reason.code == 1008
+
+
+# -- over memory streams: exact interleavings --------------------------------------
+
+
+@asynccontextmanager
+async def memory_websocket(
+    pair: Callable[[], tuple[trio.abc.Stream, trio.abc.Stream]] = trio.testing.lockstep_stream_pair,
+) -> AsyncIterator[tuple[WebSocketTransport, trio.abc.Stream, WSConnection, trio.Nursery]]:
+    """A transport on one end of an in-memory stream, a wsproto client on the other.
+
+    With the default lockstep pair, ``send_all`` returns only once the other
+    side has read everything, so a writer stays blocked while the client
+    reads nothing.
+    """
+    server_stream, client_stream = pair()
+    ws = WSConnection(ConnectionType.CLIENT)
+    accepted: list[WebSocketTransport | None] = []
+
+    async def accept() -> None:
+        accepted.append(await WebSocketTransport.accept(server_stream))
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(accept)
+        await client_stream.send_all(ws.send(Request(host="x", target="/ws")))
+        assert isinstance((await raw_events(client_stream, ws))[0], AcceptConnection)
+    [transport] = accepted
+    assert transport is not None
+    async with trio.open_nursery() as nursery:
+        try:
+            yield transport, client_stream, ws, nursery
+        finally:
+            nursery.cancel_scope.cancel()
+
+
+async def read_until(stream: trio.abc.Stream, ws: WSConnection, count: int) -> list[Event]:
+    """Read until ``count`` events arrived."""
+    events: list[Event] = []
+    while len(events) < count:
+        events += await raw_events(stream, ws)
+    return events
+
+
+async def test_pong_waits_for_a_blocked_writer_then_follows_its_data() -> None:
+    with trio.fail_after(TIMEOUT):
+        async with memory_websocket() as (transport, client, ws, nursery):
+            nursery.start_soon(transport.send, [Payload({"op": "push"})])
+            await trio.testing.wait_all_tasks_blocked()  # the writer holds the lock, blocked
+            nursery.start_soon(transport.receive)
+            await client.send_all(ws.send(Ping(payload=b"p")))
+            await trio.testing.wait_all_tasks_blocked()  # the Pong is queued, not written
+            events = await read_until(client, ws, 2)
+            assert events == [BytesMessage(data=pack({"op": "push"})), Pong(payload=b"p")]
+
+
+async def test_writer_waits_for_a_pong_being_written() -> None:
+    with trio.fail_after(TIMEOUT):
+        async with memory_websocket() as (transport, client, ws, nursery):
+            nursery.start_soon(transport.receive)
+            await client.send_all(ws.send(Ping(payload=b"p")))
+            await trio.testing.wait_all_tasks_blocked()  # the reader is writing the Pong
+            nursery.start_soon(transport.send, [Payload({"op": "push"})])
+            await trio.testing.wait_all_tasks_blocked()  # the writer waits for the lock
+            events = await read_until(client, ws, 2)
+            assert events == [Pong(payload=b"p"), BytesMessage(data=pack({"op": "push"}))]
+
+
+async def test_pong_for_a_ping_read_with_data_goes_out_with_the_next_send() -> None:
+    with trio.fail_after(TIMEOUT):
+        async with memory_websocket(trio.testing.memory_stream_pair) as (transport, client, ws, _):
+            await client.send_all(
+                ws.send(Ping(payload=b"p")) + ws.send(Message(data=pack({"op": "x"})))
+            )
+            frames = await transport.receive()  # returns at once, without writing
+            await transport.send([Payload(f) for f in frames])  # the Pong rides along
+            events = await read_until(client, ws, 2)
+            assert events == [Pong(payload=b"p"), BytesMessage(data=pack({"op": "x"}))]
+
+
+@pytest.mark.parametrize("then", ["close", "receive"])
+async def test_frames_before_a_close_frame_are_delivered_first(then: str) -> None:
+    with trio.fail_after(TIMEOUT):
+        async with memory_websocket(trio.testing.memory_stream_pair) as (transport, client, ws, _):
+            await client.send_all(
+                ws.send(Message(data=pack({"op": "last"})))
+                + ws.send(CloseConnection(code=4100, reason="done"))
+            )
+            assert await transport.receive() == [{"op": "last"}]
+            with pytest.raises(TransportClosed, match="closing"):
+                await transport.send([Payload({"op": "late"})])
+            if then == "close":
+                await transport.close()  # without a code: echoes the client's
+            else:
+                with pytest.raises(TransportClosed, match="4100"):
+                    await transport.receive()  # the close frame kept for later
+            [event] = await raw_events(client, ws)
+            assert event == CloseConnection(code=4100, reason="done")
+            with pytest.raises(TransportClosed):
+                await transport.receive()
+
+
+async def test_peer_gone_before_the_pong_or_the_close_frame() -> None:
+    with trio.fail_after(TIMEOUT):
+        async with memory_websocket(trio.testing.memory_stream_pair) as (transport, client, ws, _):
+            await client.send_all(
+                ws.send(Ping(payload=b"p")) + ws.send(Message(data=pack({"op": "x"})))
+            )
+            await transport.receive()  # the Pong stays queued
+            await client.aclose()
+            with pytest.raises(TransportClosed):
+                await transport.receive()  # writing the Pong fails
+        async with memory_websocket(trio.testing.memory_stream_pair) as (transport, client, ws, _):
+            await transport.send([])  # nothing to do
+            await client.aclose()
+            await transport.close(1000)  # writing the close frame fails: no error
+
+
+async def test_close_is_bounded_when_the_peer_reads_nothing(autojump_clock: Any) -> None:
+    outcome: list[BaseException] = []
+
+    async def writer(transport: WebSocketTransport) -> None:
+        try:
+            await transport.send([Payload({"op": "push"})])
+        except TransportClosed as e:
+            outcome.append(e)
+
+    with trio.fail_after(TIMEOUT):
+        async with memory_websocket() as (transport, _, _, nursery):
+            nursery.start_soon(writer, transport)
+            await trio.testing.wait_all_tasks_blocked()  # blocked: the client never reads
+            start = trio.current_time()
+            await transport.close(4003)
+            assert trio.current_time() - start == pytest.approx(CLOSE_TIMEOUT)
+            await trio.testing.wait_all_tasks_blocked()
+            assert len(outcome) == 1

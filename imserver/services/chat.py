@@ -117,7 +117,20 @@ class ChatService:
         if f.get("mentions"):
             raise OpError(ErrorCode.INVALID, "mentions: only in groups")
         self._rate("send", user)
-        await self._check_peer(session, peer, "send")
+        try:
+            await self._check_peer(session, peer, "send")
+        except OpError as e:
+            # A repeat of an already stored cid answers like the first send,
+            # whatever changed since (PROTOCOL §5): look it up only on refusal
+            # (which the rate limit above bounds).
+            first = await self.state.storage.find_sent(user, f["cid"])
+            if first is None:
+                raise
+            rid = f.get("rid")
+            if rid is not None:
+                await session.respond({"op": "ok", "rid": rid, **first})
+            log.debug("repeat_after_refusal user=%s code=%s", user, e.code)
+            return
         row = SendRow(
             sender=user,
             cid=f["cid"],
@@ -131,9 +144,11 @@ class ChatService:
             members=(user, peer) if user < peer else (peer, user),
             ref=(session, f.get("rid")),
         )
+        await session.acquire_inflight()
         try:
             self.state.writer.submit_send(row)
         except StorageUnavailable as e:
+            session.release_inflight()
             raise OpError(ErrorCode.UNAVAILABLE, str(e)) from None
 
     # -- post-commit ---------------------------------------------------------
@@ -148,6 +163,8 @@ class ChatService:
         stats = self.state.stats
         for row in result.rows:
             session, rid = row.ref if row.ref is not None else (None, None)
+            if session is not None:
+                session.release_inflight()
             if session is not None and rid is not None:
                 session.reply(
                     {"op": "ok", "rid": rid, "mid": row.mid, "conv": row.conv, "seq": row.seq, "ts": row.ts}
@@ -184,6 +201,7 @@ class ChatService:
     def _cursor_committed(self, cur: CursorUpdate) -> None:
         hub = self.state.hub
         for session, rid in cur.refs:
+            session.release_inflight()
             if rid is not None:
                 session.reply({"op": "ok", "rid": rid})
         if not cur.changed:
@@ -206,9 +224,11 @@ class ChatService:
         for row in rows:
             if row.ref is not None:
                 session, rid = row.ref
+                session.release_inflight()
                 session.reply(err.to_frame(rid))
         for cur in cursors:
             for session, rid in cur.refs:
+                session.release_inflight()
                 session.reply(err.to_frame(rid))
 
     # -- reading and cursors -------------------------------------------------
@@ -233,11 +253,13 @@ class ChatService:
         conv = f["conv"]
         direct_peer(conv, session.user)
         self._rate("receipts", session.user)
+        await session.acquire_inflight()
         try:
             self.state.writer.submit_cursor(
                 session.user, conv, field, f["seq"], ref=(session, f.get("rid"))
             )
         except StorageUnavailable as e:
+            session.release_inflight()
             raise OpError(ErrorCode.UNAVAILABLE, str(e)) from None
 
     async def typing(self, session: Session, f: dict[str, Any]) -> None:

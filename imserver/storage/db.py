@@ -246,6 +246,10 @@ class Storage:
 
     # -- reading -------------------------------------------------------------
 
+    async def find_sent(self, sender: str, cid: str) -> dict[str, Any] | None:
+        """The ``mid``/``conv``/``seq``/``ts`` of ``sender``'s message ``cid``, if stored."""
+        return await self._acquire_run(_q_find_sent, sender, cid)
+
     async def sync(self, user: str, max_convs: int, unread_cap: int) -> list[dict[str, Any]]:
         """The user's conversations, pinned first, then most recent first."""
         return await self._acquire_run(_q_sync, user, max_convs, unread_cap)
@@ -478,6 +482,13 @@ async def _q_friend_op(
             )
             return "unblocked"
     raise ValueError(f"unknown friend op {op!r}")
+
+
+async def _q_find_sent(conn: asyncpg.Connection, sender: str, cid: str) -> dict[str, Any] | None:
+    r = await conn.fetchrow(
+        "SELECT mid, conv, seq, ts FROM messages WHERE sender = $1 AND cid = $2", sender, cid
+    )
+    return None if r is None else dict(r)
 
 
 async def _q_friend_requests(conn: asyncpg.Connection, user: str) -> list[dict[str, Any]]:

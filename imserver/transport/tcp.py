@@ -8,6 +8,7 @@ from typing import Any
 import trio
 
 from protocol.codec import NEED_DATA, FrameDecoder
+from protocol.errors import FrameError
 
 from .base import Payload, Transport, TransportClosed
 
@@ -34,7 +35,14 @@ class TcpTransport(Transport):
         decoder = self.decoder
         while True:
             while True:
-                f = decoder.next_frame()
+                try:
+                    f = decoder.next_frame()
+                except FrameError:
+                    # Serve the good frames first; the decoder's error is
+                    # sticky, so the next call raises it.
+                    if frames:
+                        return frames
+                    raise
                 if f is NEED_DATA:
                     break
                 frames.append(f)  # type: ignore[arg-type]

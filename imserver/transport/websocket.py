@@ -300,27 +300,21 @@ class WebSocketTransport(Transport):
                         break
                     h.receive_data(bytes(data))
                     continue
-                if type(event) is h11.Request:
-                    status, key = _check_request(event, path.encode())
-                    if status == 0:
-                        try:
-                            end = h.next_event()
-                        except h11.RemoteProtocolError:
-                            end = None
-                        if type(end) is not h11.EndOfMessage:
-                            status = 400
-                    if status == 0:
-                        await stream.send_all(_SWITCHING % generate_accept_token(key))
-                        return cls(
-                            stream,
-                            Connection(ConnectionType.SERVER),
-                            max_frame_bytes=max_frame_bytes,
-                            max_message_bytes=max_message_bytes,
-                            peer=peer,
-                            unread=h.trailing_data[0],
-                        )
-                elif type(event) is h11.ConnectionClosed:
-                    status = 0
+                # We never feed h11 an EOF, so the first event is the request.
+                assert type(event) is h11.Request, event
+                status, key = _check_request(event, path.encode())
+                if status == 0:
+                    await stream.send_all(_SWITCHING % generate_accept_token(key))
+                    # A checked request has no body, so all that h11 holds past
+                    # its headers is WebSocket data sent without waiting for us.
+                    return cls(
+                        stream,
+                        Connection(ConnectionType.SERVER),
+                        max_frame_bytes=max_frame_bytes,
+                        max_message_bytes=max_message_bytes,
+                        peer=peer,
+                        unread=h.trailing_data[0],
+                    )
                 break
             if status:
                 await stream.send_all(_REFUSALS[status])

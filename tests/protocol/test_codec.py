@@ -10,7 +10,7 @@ import sys
 from types import MappingProxyType
 from typing import Any
 
-import msgpack
+import msgpack  # type: ignore[import-untyped]
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -35,13 +35,17 @@ FEW = settings(deadline=None, database=None, max_examples=40)
 FUZZ = settings(
     deadline=None,
     database=None,
-    max_examples=100,
+    max_examples=60,
     suppress_health_check=[HealthCheck.too_slow],
 )
 
-FRAME_A = {"op": "send", "rid": 1, "to": "bob", "cid": "c1", "body": "hi 你好"}
-FRAME_B = {"op": "ping", "rid": 2}
-FRAME_C = {"op": "msg", "meta": {"url": "http://x", "size": 12, "w": 1.5}, "mentions": ["a", "b"]}
+FRAME_A: dict[str, Any] = {"op": "send", "rid": 1, "to": "bob", "cid": "c1", "body": "hi 你好"}
+FRAME_B: dict[str, Any] = {"op": "ping", "rid": 2}
+FRAME_C: dict[str, Any] = {
+    "op": "msg",
+    "meta": {"url": "http://x", "size": 12, "w": 1.5},
+    "mentions": ["a", "b"],
+}
 
 
 def framed(payload: bytes) -> bytes:
@@ -152,6 +156,18 @@ def test_many_small_frames_in_one_chunk() -> None:
     decoder.receive_data(b"".join(encode_frame(frame) for frame in batch))
     assert decoder.frames() == batch
     assert decoder.buffered == 0
+
+
+def test_waiting_decoder_keeps_only_the_partial_frame() -> None:
+    batch = [{"op": "send", "body": "x" * 1000, "rid": i} for i in range(1000)]
+    wire = b"".join(encode_frame(frame) for frame in batch)
+    decoder = FrameDecoder()
+    decoder.receive_data(wire[:-10])
+    assert decoder.frames() == batch[:-1]
+    assert decoder.buffered < 1100
+    assert sys.getsizeof(decoder._buffer) < 2000
+    decoder.receive_data(wire[-10:])
+    assert decoder.frames() == batch[-1:]
 
 
 def test_idle_decoder_releases_its_buffer() -> None:
@@ -265,7 +281,8 @@ def test_bad_max_frame_bytes() -> None:
 
 
 def _ext(code: int, data: bytes) -> bytes:
-    return msgpack.packb(msgpack.ExtType(code, data))
+    packed: bytes = msgpack.packb(msgpack.ExtType(code, data))
+    return packed
 
 
 _BAD_PAYLOADS: dict[str, bytes] = {

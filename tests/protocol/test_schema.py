@@ -389,7 +389,7 @@ def test_safe_rid() -> None:
 # ---------------------------------------------------------------- property
 
 
-@settings(deadline=None, database=None, max_examples=100)
+@settings(deadline=None, database=None, max_examples=80)
 @given(client_like_frames)
 def test_validate_returns_or_raises_op_error(frame: dict[str, Any]) -> None:
     error: OpError | None = None
@@ -435,7 +435,7 @@ def _outcome(validator: Callable[[dict[str, Any]], dict[str, Any]], frame: dict[
         return (exc.code, exc.message)
 
 
-@settings(deadline=None, database=None, max_examples=150)
+@settings(deadline=None, database=None, max_examples=100)
 @given(_send_frames)
 def test_send_fast_path_agrees_with_the_generic_validator(frame: dict[str, Any]) -> None:
     frame.pop("rid", None)  # checked by validate() itself, before either
@@ -457,11 +457,12 @@ def test_the_table_is_data() -> None:
     check = _compile(schema)
     assert check({"n": 10**30, "m": -(10**30), "s": "x" * 10**5, "u": ["a"] * 10**4})
     assert check({"d": {"a": [[[[[[[[[[[[[[[[[[[[[]]]]]]]]]]]]]]]]]]]]]}})
-    for frame, message in [
+    cases: list[tuple[dict[str, Any], str]] = [
         ({"n": -1}, "n: must be at least 0"),
         ({"m": 1}, "m: must be at most 0"),
         ({"s": "x"}, "s: must be at least 2 characters"),
-    ]:
+    ]
+    for frame, message in cases:
         with pytest.raises(OpError, match=message):
             check(frame)
 
