@@ -44,6 +44,7 @@ _UNAVAILABLE_ERRORS: tuple[type[BaseException], ...] = (
     asyncpg.exceptions.OperatorInterventionError,
     asyncpg.exceptions.InsufficientResourcesError,
     asyncpg.exceptions.QueryCanceledError,
+    asyncpg.exceptions.InternalClientError,
     ConnectionError,
 )
 
@@ -276,10 +277,13 @@ class Storage:
         try:
             ts = _now_ms() if now_ms is None else now_ms
             await self._call(self._q_commit_batch, rows, cursors, ts)
-        except StorageError as e:
-            if not isinstance(e, StorageUnavailable):
-                raise StorageUnavailable(str(e)) from None
+        except StorageUnavailable:
             raise
+        except Exception as e:
+            # Whatever went wrong, the batch did not commit (seqs were given
+            # back): fail it as a whole rather than let the writer die.
+            log.exception("commit_failed rows=%d cursors=%d", len(rows), len(cursors))
+            raise StorageUnavailable(f"commit failed: {type(e).__name__}") from None
         self._batch_no += 1
         return BatchResult(self.writer_id, self.incarnation, self._batch_no, rows, cursors)
 
