@@ -185,9 +185,7 @@ async def _serve(
                 if cfg.tcp.enabled:
                     listeners = await trio.open_tcp_listeners(cfg.tcp.port, host=cfg.tcp.host)
                     tcp_port = listeners[0].socket.getsockname()[1]
-                    accept.start_soon(
-                        _serve_listeners, tcp_handler, listeners, connections
-                    )
+                    accept.start_soon(_serve_listeners, tcp_handler, listeners, connections)
                 if cfg.websocket.enabled:
                     listeners = await trio.open_tcp_listeners(
                         cfg.websocket.port, host=cfg.websocket.host
@@ -197,7 +195,11 @@ async def _serve(
                 if handle_signals:
                     accept.start_soon(_watch_signals, state)
                 log.info(
-                    "listening tcp=%s:%s ws=%s:%s", cfg.tcp.host, tcp_port, cfg.websocket.host, ws_port
+                    "listening tcp=%s:%s ws=%s:%s",
+                    cfg.tcp.host,
+                    tcp_port,
+                    cfg.websocket.host,
+                    ws_port,
                 )
                 task_status.started(ServerInfo(tcp_port, ws_port, state))
                 await state.shutting_down.wait()

@@ -26,7 +26,9 @@ log = logging.getLogger("imserver")
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="imserver", description="Durable IM server on Trio.")
-    p.add_argument("--config", type=Path, help="server.toml to use (default: ./server.toml if present)")
+    p.add_argument(
+        "--config", type=Path, help="server.toml to use (default: ./server.toml if present)"
+    )
     p.add_argument("--version", action="version", version=f"imserver {__version__}")
     sub = p.add_subparsers(dest="command")
     sub.add_parser("serve", help="run the server (the default)")
@@ -153,7 +155,9 @@ def _user_add(cfg: Config, name: str, from_stdin: bool) -> int:
             print("imserver: passwords differ", file=sys.stderr)
             return 2
     if len(password) < cfg.auth.min_password_len:
-        print(f"imserver: password: at least {cfg.auth.min_password_len} characters", file=sys.stderr)
+        print(
+            f"imserver: password: at least {cfg.auth.min_password_len} characters", file=sys.stderr
+        )
         return 2
 
     async def run(storage: Any) -> int:

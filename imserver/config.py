@@ -23,7 +23,9 @@ class ConfigError(Exception):
     """A configuration value is missing, unknown, of the wrong type or out of range."""
 
 
-def _field(default: Any, lo: float | None = None, hi: float | None = None, choices: tuple[str, ...] = ()) -> Any:
+def _field(
+    default: Any, lo: float | None = None, hi: float | None = None, choices: tuple[str, ...] = ()
+) -> Any:
     return dataclasses.field(default=default, metadata={"lo": lo, "hi": hi, "choices": choices})
 
 

@@ -188,7 +188,10 @@ class Session:
                         close_code = WS_CLOSE_PROTOCOL
                         stats.error("bad_frame")
                         log.info(
-                            "bad_frame conn=%s peer=%s error=%s", self.conn_id, self.transport.peer, e
+                            "bad_frame conn=%s peer=%s error=%s",
+                            self.conn_id,
+                            self.transport.peer,
+                            e,
                         )
                         await self._await_commits()
                     finally:
@@ -278,7 +281,9 @@ class Session:
             self.state.stats.error("auth_timeout")
             if getattr(transport, "text", False) is None:
                 raise _Close(None, WS_CLOSE_AUTH)
-            raise _Close(OpError(ErrorCode.AUTH_TIMEOUT, "no auth in time").to_frame(None), WS_CLOSE_AUTH)
+            raise _Close(
+                OpError(ErrorCode.AUTH_TIMEOUT, "no auth in time").to_frame(None), WS_CLOSE_AUTH
+            )
         while True:
             frames = await transport.receive()
             self.last_rx = trio.current_time()
@@ -343,7 +348,11 @@ class Session:
         await self.respond(reply)
         log.info(
             "session_ready conn=%s user=%s device=%s via=%s peer=%s",
-            self.conn_id, user, device, op, self.transport.peer,
+            self.conn_id,
+            user,
+            device,
+            op,
+            self.transport.peer,
         )
         for conn, reason in kicks:
             conn.kick(reason)
@@ -355,9 +364,9 @@ class Session:
             return
         self._attached = False
         state = self.state
-        if state.hub.shard(self.user).detach(self, state.clock.now_ms()):
-            if not state.shutting_down.is_set():
-                state.friends.announce(self.user, self.relations)
+        went_offline = state.hub.shard(self.user).detach(self, state.clock.now_ms())
+        if went_offline and not state.shutting_down.is_set():
+            state.friends.announce(self.user, self.relations)
 
     async def _dispatch(self, frame: dict[str, Any]) -> None:
         rid = schema.safe_rid(frame)

@@ -100,7 +100,9 @@ class TestClient:
             if isinstance(msg, str):
                 self._ws_buf.append(json.loads(msg))
             else:
-                self._ws_buf.extend(decode_ws(msg, max_frame_bytes=1 << 24, max_message_bytes=1 << 26))
+                self._ws_buf.extend(
+                    decode_ws(msg, max_frame_bytes=1 << 24, max_message_bytes=1 << 26)
+                )
         return self._ws_buf.popleft()
 
     async def request(self, op: str, **fields: Any) -> dict[str, Any]:
@@ -142,7 +144,9 @@ class TestClient:
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             return frames, None
 
-    async def login(self, user: str, password: str = "password1", device: str = "default", register: bool = True) -> dict[str, Any]:
+    async def login(
+        self, user: str, password: str = "password1", device: str = "default", register: bool = True
+    ) -> dict[str, Any]:
         op = "register" if register else "login"
         reply = await self.ok(op, user=user, password=password, device=device)
         self.user = user

@@ -23,7 +23,9 @@ async def test_offline_user_catches_up_in_order(clients: Clients) -> None:
         await bob.aclose()
         # 1,000 messages pipelined (no waiting for each reply), then collect the acks.
         for i in range(1000):
-            await alice.send_frame({"op": "send", "rid": 10_000 + i, "to": "bob", "cid": f"m{i}", "body": f"n{i}"})
+            await alice.send_frame(
+                {"op": "send", "rid": 10_000 + i, "to": "bob", "cid": f"m{i}", "body": f"n{i}"}
+            )
         acks = {}
         while len(acks) < 1000:
             f = await alice.recv_frame()

@@ -10,7 +10,9 @@ from .conftest import Clients, befriend
 KINDS = ["tcp", "ws", "ws-json"]
 
 
-@pytest.mark.parametrize(("kind_a", "kind_b"), [("tcp", "tcp"), ("ws", "ws-json"), ("tcp", "ws"), ("ws-json", "tcp")])
+@pytest.mark.parametrize(
+    ("kind_a", "kind_b"), [("tcp", "tcp"), ("ws", "ws-json"), ("tcp", "ws"), ("ws-json", "tcp")]
+)
 async def test_two_users_chat_both_ways(clients: Clients, kind_a: str, kind_b: str) -> None:
     with trio.fail_after(20):
         alice = await clients.user("alice", kind_a)

@@ -19,7 +19,9 @@ from .conftest import test_config
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def run_cli(*args: str, env: dict[str, str] | None = None, stdin: str = "", cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+def run_cli(
+    *args: str, env: dict[str, str] | None = None, stdin: str = "", cwd: Path | None = None
+) -> subprocess.CompletedProcess[str]:
     full_env = {k: v for k, v in os.environ.items() if not k.startswith("IMSERVER_")}
     full_env.update(env or {})
     full_env["PYTHONPATH"] = str(ROOT)
@@ -57,7 +59,9 @@ def test_server_toml_lists_every_default() -> None:
         ("", {"IMSERVER_CHAT_REQUIRE_FRIENDSHIP": "maybe"}, "expected true or false"),
     ],
 )
-def test_bad_config_is_one_line_and_exit_2(tmp_path: Path, toml: str, env: dict[str, str], needle: str) -> None:
+def test_bad_config_is_one_line_and_exit_2(
+    tmp_path: Path, toml: str, env: dict[str, str], needle: str
+) -> None:
     cfg = tmp_path / "server.toml"
     cfg.write_text(toml)
     r = run_cli("--config", str(cfg), "serve", env=env)
@@ -88,16 +92,30 @@ async def test_migrate_user_add_and_token(db_dsn: str, tmp_path: Path) -> None:
     }
     r = await trio.to_thread.run_sync(lambda: run_cli("migrate", env=env, cwd=tmp_path))
     assert r.returncode == 0, r.stderr
-    r = await trio.to_thread.run_sync(lambda: run_cli("user", "add", "alice", "--password-stdin", env=env, stdin="s3cret-pass\n", cwd=tmp_path))
+    r = await trio.to_thread.run_sync(
+        lambda: run_cli(
+            "user", "add", "alice", "--password-stdin", env=env, stdin="s3cret-pass\n", cwd=tmp_path
+        )
+    )
     assert r.returncode == 0, r.stderr
-    r = await trio.to_thread.run_sync(lambda: run_cli("user", "add", "alice", "--password-stdin", env=env, stdin="s3cret-pass\n", cwd=tmp_path))
+    r = await trio.to_thread.run_sync(
+        lambda: run_cli(
+            "user", "add", "alice", "--password-stdin", env=env, stdin="s3cret-pass\n", cwd=tmp_path
+        )
+    )
     assert r.returncode == 1
     assert "already exists" in r.stderr
-    r = await trio.to_thread.run_sync(lambda: run_cli("user", "add", "bob", "--password-stdin", env=env, stdin="short\n", cwd=tmp_path))
+    r = await trio.to_thread.run_sync(
+        lambda: run_cli(
+            "user", "add", "bob", "--password-stdin", env=env, stdin="short\n", cwd=tmp_path
+        )
+    )
     assert r.returncode == 2
     r = await trio.to_thread.run_sync(lambda: run_cli("token", "nobody", env=env, cwd=tmp_path))
     assert r.returncode == 1
-    r = await trio.to_thread.run_sync(lambda: run_cli("token", "alice", "--device", "cli", env=env, cwd=tmp_path))
+    r = await trio.to_thread.run_sync(
+        lambda: run_cli("token", "alice", "--device", "cli", env=env, cwd=tmp_path)
+    )
     assert r.returncode == 0, r.stderr
     token = r.stdout.strip()
     assert len(token) >= 40

@@ -43,7 +43,9 @@ async def _start(nursery: trio.Nursery, cfg: Config, dsn: str) -> ServerInfo:
     return info
 
 
-async def test_auth_timeout_closes_silent_connection(autojump_clock: trio.testing.MockClock, config: Config, db_dsn: str) -> None:
+async def test_auth_timeout_closes_silent_connection(
+    autojump_clock: trio.testing.MockClock, config: Config, db_dsn: str
+) -> None:
     async with trio.open_nursery() as nursery:
         info = await _start(nursery, config, db_dsn)
         try:
@@ -63,7 +65,9 @@ async def test_auth_timeout_closes_silent_connection(autojump_clock: trio.testin
 
 
 @pytest.fixture
-async def frozen_server(frozen_clock: trio.testing.MockClock, config: Config, db_dsn: str) -> AsyncIterator[ServerInfo]:
+async def frozen_server(
+    frozen_clock: trio.testing.MockClock, config: Config, db_dsn: str
+) -> AsyncIterator[ServerInfo]:
     async with trio.open_nursery() as nursery:
         info = await _start(nursery, config, db_dsn)
         info.nursery = nursery  # type: ignore[attr-defined]
@@ -93,12 +97,16 @@ async def _user(info: ServerInfo, name: str, kind: str = "tcp") -> TestClient:
     return c
 
 
-async def _wait_kicked(c: TestClient, clock: trio.testing.MockClock) -> tuple[list[dict], int | None]:
+async def _wait_kicked(
+    c: TestClient, clock: trio.testing.MockClock
+) -> tuple[list[dict], int | None]:
     return await c.closed()
 
 
 @pytest.mark.parametrize("kind", ["tcp", "ws"])
-async def test_heartbeat_timeout(frozen_server: ServerInfo, frozen_clock: trio.testing.MockClock, kind: str) -> None:
+async def test_heartbeat_timeout(
+    frozen_server: ServerInfo, frozen_clock: trio.testing.MockClock, kind: str
+) -> None:
     alice = await _user(frozen_server, "alice", kind)
     bob = await _user(frozen_server, "bob", kind)
     # Bob keeps pinging; alice goes silent.
@@ -115,7 +123,9 @@ async def test_heartbeat_timeout(frozen_server: ServerInfo, frozen_clock: trio.t
     await bob.ok("ping")
 
 
-async def test_send_rate_limit(frozen_server: ServerInfo, frozen_clock: trio.testing.MockClock) -> None:
+async def test_send_rate_limit(
+    frozen_server: ServerInfo, frozen_clock: trio.testing.MockClock
+) -> None:
     alice = await _user(frozen_server, "alice")
     await _user(frozen_server, "bob")
     for i in range(20):  # the burst
@@ -133,7 +143,9 @@ async def test_send_rate_limit(frozen_server: ServerInfo, frozen_clock: trio.tes
         await alice.ok("send", to="bob", cid=f"c{i}", body="x")
 
 
-async def test_typing_rate_limit(frozen_server: ServerInfo, frozen_clock: trio.testing.MockClock) -> None:
+async def test_typing_rate_limit(
+    frozen_server: ServerInfo, frozen_clock: trio.testing.MockClock
+) -> None:
     alice = await _user(frozen_server, "alice")
     bob = await _user(frozen_server, "bob")
     for _ in range(5):
@@ -146,7 +158,9 @@ async def test_typing_rate_limit(frozen_server: ServerInfo, frozen_clock: trio.t
     assert pushes[-1] == {"op": "typing", "conv": "d:alice:bob", "user": "alice", "on": False}
 
 
-async def test_token_expiry(frozen_server: ServerInfo, frozen_clock: trio.testing.MockClock) -> None:
+async def test_token_expiry(
+    frozen_server: ServerInfo, frozen_clock: trio.testing.MockClock
+) -> None:
     alice = await _user(frozen_server, "alice")
     token = alice.token
     c = await _tcp(frozen_server)
@@ -161,7 +175,9 @@ async def test_token_expiry(frozen_server: ServerInfo, frozen_clock: trio.testin
     assert r["token"] != token
 
 
-async def test_login_rate_limit(frozen_server: ServerInfo, frozen_clock: trio.testing.MockClock) -> None:
+async def test_login_rate_limit(
+    frozen_server: ServerInfo, frozen_clock: trio.testing.MockClock
+) -> None:
     await _user(frozen_server, "alice")
     c = await _tcp(frozen_server)
     codes = []

@@ -88,7 +88,9 @@ class HubShard:
     def __repr__(self) -> str:
         return f"<HubShard {self.index} users={len(self.users)}>"
 
-    def attach(self, conn: Conn, relations: Relations) -> tuple[list[tuple[Conn, KickReason]], bool]:
+    def attach(
+        self, conn: Conn, relations: Relations
+    ) -> tuple[list[tuple[Conn, KickReason]], bool]:
         """Register ``conn`` for its (user, device).
 
         Returns the connections to kick (replaced device, oldest device beyond
@@ -127,9 +129,7 @@ class HubShard:
     def idle(self, now: float, timeout: float) -> list[Conn]:
         """Connections from which nothing arrived for ``timeout`` seconds."""
         limit = now - timeout
-        return [
-            c for e in self.users.values() for c in e.devices.values() if c.last_rx < limit
-        ]
+        return [c for e in self.users.values() for c in e.devices.values() if c.last_rx < limit]
 
 
 class Hub:

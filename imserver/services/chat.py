@@ -68,7 +68,9 @@ class ChatService:
     def _rate(self, kind: str, user: str) -> None:
         wait = self.state.hub.rate(kind, user, trio.current_time())
         if wait:
-            raise OpError(ErrorCode.RATE_LIMITED, f"{kind} rate exceeded", retry_after=round(wait, 3))
+            raise OpError(
+                ErrorCode.RATE_LIMITED, f"{kind} rate exceeded", retry_after=round(wait, 3)
+            )
 
     async def _check_peer(self, session: Session, peer: str, what: str) -> None:
         """Friendship, blocks and existence of ``peer`` for ``session.user``."""
@@ -109,7 +111,10 @@ class ChatService:
             conv = f["conv"]
             peer = direct_peer(conv, user)
         body = f.get("body") or ""
-        if len(body) * 4 > cfg.limits.max_body_bytes and len(body.encode()) > cfg.limits.max_body_bytes:
+        if (
+            len(body) * 4 > cfg.limits.max_body_bytes
+            and len(body.encode()) > cfg.limits.max_body_bytes
+        ):
             raise OpError(ErrorCode.TOO_LARGE, f"body: over {cfg.limits.max_body_bytes} bytes")
         meta = f.get("meta")
         if meta is not None and len(pack(meta)) > cfg.limits.max_meta_bytes:
@@ -167,7 +172,14 @@ class ChatService:
                 session.release_inflight()
             if session is not None and rid is not None:
                 session.reply(
-                    {"op": "ok", "rid": rid, "mid": row.mid, "conv": row.conv, "seq": row.seq, "ts": row.ts}
+                    {
+                        "op": "ok",
+                        "rid": rid,
+                        "mid": row.mid,
+                        "conv": row.conv,
+                        "seq": row.seq,
+                        "ts": row.ts,
+                    }
                 )
             if row.repeat:
                 continue
@@ -212,13 +224,19 @@ class ChatService:
         except OpError:
             return
         if cur.field == "read":
-            hub.publish((cur.user,), Payload({"op": "read", "conv": cur.conv, "seq": cur.seq}), exclude=origin)
+            hub.publish(
+                (cur.user,),
+                Payload({"op": "read", "conv": cur.conv, "seq": cur.seq}),
+                exclude=origin,
+            )
             receipt = {"op": "receipt", "conv": cur.conv, "user": cur.user, "read": cur.seq}
         else:
             receipt = {"op": "receipt", "conv": cur.conv, "user": cur.user, "delivered": cur.seq}
         hub.publish((peer,), Payload(receipt))
 
-    def on_failure(self, rows: list[SendRow], cursors: list[CursorUpdate], error: Exception) -> None:
+    def on_failure(
+        self, rows: list[SendRow], cursors: list[CursorUpdate], error: Exception
+    ) -> None:
         """Answer every item of a failed batch ``unavailable`` (nothing was accepted)."""
         err = OpError(ErrorCode.UNAVAILABLE, "storage unavailable, retry later")
         for row in rows:
@@ -236,7 +254,9 @@ class ChatService:
     async def sync(self, session: Session, f: dict[str, Any]) -> dict[str, Any]:
         """The user's conversations (PROTOCOL §6)."""
         lim = self.state.cfg.limits
-        convs = await self.state.storage.sync(session.user, lim.sync_max_convs, lim.unread_count_cap)
+        convs = await self.state.storage.sync(
+            session.user, lim.sync_max_convs, lim.unread_count_cap
+        )
         return {"convs": convs}
 
     async def history(self, session: Session, f: dict[str, Any]) -> dict[str, Any]:

@@ -31,7 +31,12 @@ _OUTCOME_ERRORS = {
     "invalid": (ErrorCode.INVALID, "user: cannot be yourself"),
 }
 
-_EVENT_OF = {"requested": "request", "accepted": "accepted", "rejected": "rejected", "removed": "removed"}
+_EVENT_OF = {
+    "requested": "request",
+    "accepted": "accepted",
+    "rejected": "rejected",
+    "removed": "removed",
+}
 
 
 class FriendService:

@@ -293,11 +293,13 @@ class Storage:
         assert self._pool is not None
         seqcache = self._seq
         try:
-            async with self._pool.acquire(timeout=self.connect_timeout) as conn:
-                async with conn.transaction():
-                    new_last = await _q_insert_rows(conn, rows, seqcache.last, ts)
-                    if cursors:
-                        await _q_apply_cursors(conn, cursors)
+            async with (
+                self._pool.acquire(timeout=self.connect_timeout) as conn,
+                conn.transaction(),
+            ):
+                new_last = await _q_insert_rows(conn, rows, seqcache.last, ts)
+                if cursors:
+                    await _q_apply_cursors(conn, cursors)
         except BaseException:
             # Unknown outcome or rollback: give every number back (reload later).
             seqcache.forget()
@@ -394,9 +396,7 @@ async def _q_relations(conn: asyncpg.Connection, user: str) -> Relations:
     )
     blocking = await conn.fetch("SELECT blocked FROM blocks WHERE blocker = $1", user)
     blocked_by = await conn.fetch("SELECT blocker FROM blocks WHERE blocked = $1", user)
-    return Relations(
-        {r[0] for r in friends}, {r[0] for r in blocking}, {r[0] for r in blocked_by}
-    )
+    return Relations({r[0] for r in friends}, {r[0] for r in blocking}, {r[0] for r in blocked_by})
 
 
 async def _q_friend_op(

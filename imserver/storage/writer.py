@@ -186,9 +186,7 @@ class BatchWriter:
             return
         assert error is not None
         self.failed_batches += 1
-        log.warning(
-            "batch_failed rows=%d cursors=%d error=%s", len(rows), len(cursors), error
-        )
+        log.warning("batch_failed rows=%d cursors=%d error=%s", len(rows), len(cursors), error)
         self.on_failure(rows, cursors, error)
         if self.retry_backoff > 0 and not self._closed:
             await trio.sleep(self.retry_backoff)

@@ -61,10 +61,7 @@ class TcpTransport(Transport):
 
     async def send(self, payloads: Sequence[Payload]) -> None:
         """Join the framed payloads and write them at once."""
-        if len(payloads) == 1:
-            data = payloads[0].tcp()
-        else:
-            data = b"".join([p.tcp() for p in payloads])
+        data = payloads[0].tcp() if len(payloads) == 1 else b"".join([p.tcp() for p in payloads])
         try:
             await self.stream.send_all(data)
         except (trio.BrokenResourceError, trio.ClosedResourceError) as e:
