@@ -139,7 +139,10 @@ class Session:
         those replies always find room and a pipelining client is throttled
         by the reader waiting here rather than kicked.
         """
-        await self._inflight.acquire()
+        try:
+            self._inflight.acquire_nowait()  # the common case: no checkpoint per send
+        except trio.WouldBlock:
+            await self._inflight.acquire()
         self._pending += 1
 
     def release_inflight(self) -> None:

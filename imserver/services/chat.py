@@ -203,9 +203,11 @@ class ChatService:
             others = [m for m in row.members if m != row.sender]
             n = hub.publish(others, Payload(msg))
             if row.cid is not None:
-                own = dict(msg)
-                own["cid"] = row.cid
-                n += hub.publish((row.sender,), Payload(own), exclude=session)
+                entry = hub.entry(row.sender)
+                if entry is not None and (len(entry.devices) > 1 or session is None):
+                    own = dict(msg)
+                    own["cid"] = row.cid
+                    n += hub.publish((row.sender,), Payload(own), exclude=session)
             stats.messages_delivered += n
         for cur in result.cursors:
             self._cursor_committed(cur)

@@ -144,8 +144,14 @@ class Storage:
                 "jsonb", encoder=json.dumps, decoder=json.loads, schema="pg_catalog"
             )
 
+        async def no_reset(conn: asyncpg.Connection) -> None:
+            # The server keeps no session state (no SET, LISTEN, cursors or
+            # session advisory locks), so skip asyncpg's reset round trip.
+            return None
+
         self._pool = await asyncpg.create_pool(
             self.dsn,
+            reset=no_reset,
             min_size=1,
             max_size=self.pool_size,
             timeout=self.connect_timeout,
@@ -293,13 +299,14 @@ class Storage:
         assert self._pool is not None
         seqcache = self._seq
         try:
-            async with (
-                self._pool.acquire(timeout=self.connect_timeout) as conn,
-                conn.transaction(),
-            ):
-                new_last = await _q_insert_rows(conn, rows, seqcache.last, ts)
+            async with self._pool.acquire(timeout=self.connect_timeout) as conn:
                 if cursors:
-                    await _q_apply_cursors(conn, cursors)
+                    async with conn.transaction():
+                        new_last = await _q_insert_rows(conn, rows, seqcache.last, ts)
+                        await _q_apply_cursors(conn, cursors)
+                else:
+                    # One autocommit statement in the common case (see _INSERT_BATCH).
+                    new_last = await _q_insert_rows(conn, rows, seqcache.last, ts)
         except BaseException:
             # Unknown outcome or rollback: give every number back (reload later).
             seqcache.forget()
@@ -600,51 +607,43 @@ async def _q_history(
     return [msg_to_frame(r, viewer) for r in rows], more
 
 
-async def _q_insert_rows(
-    conn: asyncpg.Connection, rows: list[SendRow], last: dict[str, int], ts: int
-) -> dict[str, int]:
-    """Insert a batch's messages with fresh seqs; return conv -> new last seq."""
-    if not rows:
-        return {}
-    # 1. Repeats of (sender, cid) already stored, and repeats inside this batch.
-    keyed = [r for r in rows if r.cid is not None]
-    stored: dict[tuple[str, str], Any] = {}
-    if keyed:
-        found = await conn.fetch(
-            "SELECT m.sender, m.cid, m.mid, m.conv, m.seq, m.ts FROM messages m "
-            "JOIN unnest($1::text[], $2::text[]) AS u(sender, cid) "
-            "ON m.sender = u.sender AND m.cid = u.cid",
-            [r.sender for r in keyed],
-            [r.cid for r in keyed],
-        )
-        stored = {(f["sender"], f["cid"]): f for f in found}
-    fresh: list[SendRow] = []
-    first_in_batch: dict[tuple[str, str], SendRow] = {}
-    for r in rows:
-        if r.cid is not None:
-            key = (r.sender, r.cid)
-            f = stored.get(key)
-            if f is not None:
-                r.repeat, r.mid, r.conv, r.seq, r.ts = True, f["mid"], f["conv"], f["seq"], f["ts"]
-                continue
-            if key in first_in_batch:
-                r.repeat = True
-                continue
-            first_in_batch[key] = r
-        fresh.append(r)
-    if not fresh:
-        return {}
-    # 2. Load last seqs not cached (first use of a conversation in this process).
-    convs = {r.conv for r in fresh}
-    missing = [c for c in convs if c not in last]
-    base: dict[str, int] = {c: last[c] for c in convs if c in last}
-    if missing:
-        for rec in await conn.fetch(
-            "SELECT conv, last_seq FROM conversations WHERE conv = ANY($1::text[])", missing
-        ):
-            base[rec["conv"]] = rec["last_seq"]
-    new_convs = [c for c in convs if base.get(c, 0) == 0]
-    # 3. Assign seqs and ts in batch order (the order sends reached the writer).
+# One statement, one round trip, atomic on its own: insert the batch unless a
+# (sender, cid) of it is already stored, then move each conversation's
+# last_seq and create the per-user rows of new conversations. A stored repeat
+# makes it insert nothing; the caller then sorts the repeats out and runs it
+# again (PROTOCOL §5 idempotency; a repeat is rare, the common case pays one
+# round trip and no BEGIN/COMMIT).
+_INSERT_BATCH = """
+WITH dup AS (
+    SELECT 1 FROM unnest($3::text[], $4::text[]) AS u(sender, cid)
+    WHERE u.cid IS NOT NULL
+      AND EXISTS (SELECT 1 FROM messages m WHERE m.sender = u.sender AND m.cid = u.cid)
+    LIMIT 1
+), ins AS (
+    INSERT INTO messages (conv, seq, sender, cid, kind, body, meta, mentions, reply_to, ts)
+    SELECT * FROM unnest($1::text[], $2::bigint[], $3::text[], $4::text[], $5::text[],
+                         $6::text[], $7::jsonb[], $8::jsonb[], $9::bigint[], $10::bigint[])
+    WHERE NOT EXISTS (SELECT 1 FROM dup)
+    RETURNING mid, conv, seq
+), last AS (
+    SELECT DISTINCT ON (conv) conv, seq, mid FROM ins ORDER BY conv, seq DESC
+), up AS (
+    INSERT INTO conversations (conv, kind, last_seq, last_mid, last_ts)
+    SELECT l.conv, k.kind, l.seq, l.mid, $11::bigint
+    FROM last l JOIN unnest($12::text[], $13::text[]) AS k(conv, kind) ON k.conv = l.conv
+    ON CONFLICT (conv) DO UPDATE SET last_seq = EXCLUDED.last_seq,
+        last_mid = EXCLUDED.last_mid, last_ts = EXCLUDED.last_ts
+), uc AS (
+    INSERT INTO user_convs (user_name, conv)
+    SELECT * FROM unnest($14::text[], $15::text[]) WHERE EXISTS (SELECT 1 FROM ins)
+    ON CONFLICT DO NOTHING
+)
+SELECT mid, conv, seq FROM ins
+"""
+
+
+def _assign_seqs(fresh: list[SendRow], base: dict[str, int], ts: int) -> dict[str, int]:
+    """Number ``fresh`` rows per conversation in batch order; return conv -> last seq."""
     new_last: dict[str, int] = {}
     for r in fresh:
         s = new_last.get(r.conv)
@@ -654,11 +653,90 @@ async def _q_insert_rows(
         new_last[r.conv] = s
         r.seq = s
         r.ts = ts
-    mids = await conn.fetch(
-        "INSERT INTO messages (conv, seq, sender, cid, kind, body, meta, mentions, reply_to, ts) "
-        "SELECT * FROM unnest($1::text[], $2::bigint[], $3::text[], $4::text[], $5::text[], "
-        "$6::text[], $7::jsonb[], $8::jsonb[], $9::bigint[], $10::bigint[]) "
-        "RETURNING mid, conv, seq",
+    return new_last
+
+
+async def _q_insert_rows(
+    conn: asyncpg.Connection, rows: list[SendRow], last: dict[str, int], ts: int
+) -> dict[str, int]:
+    """Insert a batch's messages with fresh seqs; return conv -> new last seq.
+
+    Repeats of a stored ``(sender, cid)`` get the original's mid/conv/seq/ts
+    and ``repeat=True``; repeats inside the batch fold onto their first copy.
+    """
+    if not rows:
+        return {}
+    # Repeats inside this batch.
+    fresh: list[SendRow] = []
+    first_in_batch: dict[tuple[str, str], SendRow] = {}
+    for r in rows:
+        if r.cid is not None:
+            key = (r.sender, r.cid)
+            if key in first_in_batch:
+                r.repeat = True
+                continue
+            first_in_batch[key] = r
+        fresh.append(r)
+    # Last seqs not cached yet (first use of a conversation in this process).
+    convs = {r.conv for r in fresh}
+    base: dict[str, int] = {c: last[c] for c in convs if c in last}
+    missing = [c for c in convs if c not in last]
+    if missing:
+        for rec in await conn.fetch(
+            "SELECT conv, last_seq FROM conversations WHERE conv = ANY($1::text[])", missing
+        ):
+            base[rec["conv"]] = rec["last_seq"]
+    inserted = await _q_insert_fresh(conn, fresh, base, ts)
+    if len(inserted) != len(fresh):
+        # Some (sender, cid) is already stored: answer those as repeats.
+        keyed = [r for r in fresh if r.cid is not None]
+        found = await conn.fetch(
+            "SELECT u.sender, u.cid, m.mid, m.conv, m.seq, m.ts "
+            "FROM unnest($1::text[], $2::text[]) AS u(sender, cid) "
+            "JOIN LATERAL (SELECT mid, conv, seq, ts FROM messages x "
+            "WHERE x.sender = u.sender AND x.cid = u.cid) m ON true",
+            [r.sender for r in keyed],
+            [r.cid for r in keyed],
+        )
+        stored = {(f["sender"], f["cid"]): f for f in found}
+        still: list[SendRow] = []
+        for r in fresh:
+            f = stored.get((r.sender, r.cid)) if r.cid is not None else None
+            if f is not None:
+                r.repeat, r.mid, r.conv, r.seq, r.ts = True, f["mid"], f["conv"], f["seq"], f["ts"]
+            else:
+                still.append(r)
+        fresh = still
+        inserted = await _q_insert_fresh(conn, fresh, base, ts)
+        if len(inserted) != len(fresh):
+            raise StorageError("batch insert raced with another writer")
+    new_last: dict[str, int] = {}
+    for r in fresh:
+        r.mid = inserted[(r.conv, r.seq)]
+        new_last[r.conv] = r.seq
+    for r in rows:
+        if r.repeat and r.mid == 0 and r.cid is not None:
+            first = first_in_batch[(r.sender, r.cid)]
+            r.mid, r.conv, r.seq, r.ts = first.mid, first.conv, first.seq, first.ts
+    return new_last
+
+
+async def _q_insert_fresh(
+    conn: asyncpg.Connection, fresh: list[SendRow], base: dict[str, int], ts: int
+) -> dict[tuple[str, int], int]:
+    """Run :data:`_INSERT_BATCH` for ``fresh``; (conv, seq) -> mid of the inserted rows."""
+    if not fresh:
+        return {}
+    _assign_seqs(fresh, base, ts)
+    kinds = {r.conv: r.conv_kind for r in fresh}
+    users: list[str] = []
+    ucs: list[str] = []
+    for c in [c for c in kinds if base.get(c, 0) == 0]:
+        members = next(r.members for r in fresh if r.conv == c)
+        users.extend(members)
+        ucs.extend([c] * len(members))
+    recs = await conn.fetch(
+        _INSERT_BATCH,
         [r.conv for r in fresh],
         [r.seq for r in fresh],
         [r.sender for r in fresh],
@@ -669,47 +747,13 @@ async def _q_insert_rows(
         [r.mentions for r in fresh],
         [r.reply_to for r in fresh],
         [r.ts for r in fresh],
+        ts,
+        list(kinds),
+        list(kinds.values()),
+        users,
+        ucs,
     )
-    by_pos = {(m["conv"], m["seq"]): m["mid"] for m in mids}
-    last_mid: dict[str, int] = {}
-    for r in fresh:
-        r.mid = by_pos[(r.conv, r.seq)]
-        last_mid[r.conv] = r.mid
-    for r in rows:
-        if r.repeat and r.mid == 0 and r.cid is not None:
-            first = first_in_batch[(r.sender, r.cid)]
-            r.mid, r.conv, r.seq, r.ts = first.mid, first.conv, first.seq, first.ts
-    kinds = {r.conv: r.conv_kind for r in fresh}
-    conv_list = list(new_last)
-    await conn.execute(
-        "INSERT INTO conversations (conv, kind, last_seq, last_mid, last_ts) "
-        "SELECT * FROM unnest($1::text[], $2::text[], $3::bigint[], $4::bigint[], $5::bigint[]) "
-        "ON CONFLICT (conv) DO UPDATE SET last_seq = EXCLUDED.last_seq, "
-        "last_mid = EXCLUDED.last_mid, last_ts = EXCLUDED.last_ts",
-        conv_list,
-        [kinds[c] for c in conv_list],
-        [new_last[c] for c in conv_list],
-        [last_mid[c] for c in conv_list],
-        [ts] * len(conv_list),
-    )
-    if new_convs:
-        members: dict[str, tuple[str, ...]] = {}
-        for r in fresh:
-            if r.conv in new_convs:
-                members[r.conv] = r.members
-        users: list[str] = []
-        ucs: list[str] = []
-        for c, ms in members.items():
-            for u in ms:
-                users.append(u)
-                ucs.append(c)
-        await conn.execute(
-            "INSERT INTO user_convs (user_name, conv) "
-            "SELECT * FROM unnest($1::text[], $2::text[]) ON CONFLICT DO NOTHING",
-            users,
-            ucs,
-        )
-    return new_last
+    return {(m["conv"], m["seq"]): m["mid"] for m in recs}
 
 
 async def _q_apply_cursors(conn: asyncpg.Connection, cursors: list[CursorUpdate]) -> None:

@@ -178,6 +178,13 @@ class BatchWriter:
             if scope.cancelled_caught:
                 error = StorageUnavailable("commit timed out")
         self.last_commit_s = trio.current_time() - start
+        log.debug(
+            "batch rows=%d cursors=%d commit_ms=%.2f ok=%s",
+            len(rows),
+            len(cursors),
+            self.last_commit_s * 1000,
+            result is not None,
+        )
         if result is not None:
             self.batches += 1
             self.committed_rows += len(rows)
