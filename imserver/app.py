@@ -40,6 +40,7 @@ from .state import ServerState, Stats
 from .storage.db import Storage
 from .storage.writer import BatchWriter
 from .transport.tcp import TcpTransport
+from .transport.websocket import WebSocketTransport
 
 log = logging.getLogger("imserver")
 
@@ -155,8 +156,6 @@ async def _serve(
         ).run()
 
     async def ws_handler(stream: trio.SocketStream) -> None:
-        from .transport.websocket import WebSocketTransport
-
         if over_capacity():
             await trio.aclose_forcefully(stream)
             return

@@ -143,7 +143,9 @@ class Storage:
     async def aclose(self) -> None:
         """Close the pool and stop the asyncio thread."""
         try:
-            with trio.CancelScope(shield=True), trio.move_on_after(10):
+            # Shielded, and bounded on the asyncio side by the real clock (a
+            # Trio deadline would fire at once under an autojump MockClock).
+            with trio.CancelScope(shield=True):
                 await self._thread.call(self._q_close)
         finally:
             self._thread.stop()
@@ -172,9 +174,13 @@ class Storage:
     async def _q_close(self) -> None:
         if self._pool is not None:
             if self._writer_conn is not None:
-                await self._pool.release(self._writer_conn)
+                with contextlib.suppress(asyncpg.InterfaceError):
+                    await self._pool.release(self._writer_conn)
                 self._writer_conn = None
-            await self._pool.close()
+            try:
+                await asyncio.wait_for(self._pool.close(), 10.0)
+            except TimeoutError:
+                self._pool.terminate()
 
     async def _call(self, fn: Callable[..., Awaitable[T]], *args: Any) -> T:
         """Cross the bridge once, translating driver errors (practice 11)."""
@@ -283,7 +289,11 @@ class Storage:
     # -- the batch commit ----------------------------------------------------
 
     async def commit_batch(
-        self, rows: list[SendRow], cursors: list[CursorUpdate], now_ms: int | None = None
+        self,
+        rows: list[SendRow],
+        cursors: list[CursorUpdate],
+        now_ms: int | None = None,
+        timeout: float = 5.0,
     ) -> BatchResult:
         """Commit one batch in one transaction and return it with mids and seqs.
 
@@ -295,7 +305,7 @@ class Storage:
         """
         try:
             ts = _now_ms() if now_ms is None else now_ms
-            await self._call(self._q_commit_batch, rows, cursors, ts)
+            await self._call(self._q_commit_batch_within, rows, cursors, ts, timeout)
         except StorageUnavailable:
             raise
         except Exception as e:
@@ -305,6 +315,13 @@ class Storage:
             raise StorageUnavailable(f"commit failed: {type(e).__name__}") from None
         self._batch_no += 1
         return BatchResult(self.writer_id, self.incarnation, self._batch_no, rows, cursors)
+
+    async def _q_commit_batch_within(
+        self, rows: list[SendRow], cursors: list[CursorUpdate], ts: int, timeout: float
+    ) -> None:
+        # The deadline runs on the asyncio side, on the real clock.
+        async with asyncio.timeout(timeout):
+            await self._q_commit_batch(rows, cursors, ts)
 
     async def _q_commit_batch(
         self, rows: list[SendRow], cursors: list[CursorUpdate], ts: int
