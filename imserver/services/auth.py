@@ -62,7 +62,8 @@ class AuthService:
 
     def _check_login_rate(self, user: str, addr: str) -> None:
         now = trio.current_time()
-        for kind, key in (("login_addr", addr), ("login_user", user)):
+        host = addr.rsplit(":", 1)[0]  # per address, not per connection (addr is host:port)
+        for kind, key in (("login_addr", host), ("login_user", user)):
             wait = self.limiter.take(kind, key, now)
             if wait:
                 raise OpError(
