@@ -92,13 +92,9 @@ async def serve(
         await storage.aclose()
 
 
-async def _serve(
-    cfg: Config,
-    clock: Clock,
-    storage: Storage,
-    handle_signals: bool,
-    task_status: trio.TaskStatus[ServerInfo],
-) -> None:
+def _build_state(cfg: Config, storage: Storage, clock: Clock | None = None) -> ServerState:
+    """The hub, writer and services of one server, wired together (no I/O)."""
+    clock = clock or Clock()
     rate = cfg.rate
     hub = Hub(
         shards=cfg.hub.shards,
@@ -138,6 +134,18 @@ async def _serve(
     state.friends = FriendService(state)
     writer.on_commit = state.chat.on_commit
     writer.on_failure = state.chat.on_failure
+    return state
+
+
+async def _serve(
+    cfg: Config,
+    clock: Clock,
+    storage: Storage,
+    handle_signals: bool,
+    task_status: trio.TaskStatus[ServerInfo],
+) -> None:
+    state = _build_state(cfg, storage, clock)
+    hub, writer = state.hub, state.writer
 
     def over_capacity() -> bool:
         if len(state.sessions) >= cfg.limits.max_connections:
