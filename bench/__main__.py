@@ -18,21 +18,44 @@ SCENARIOS = {
 
 def _common_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("run")
-    g.add_argument("--duration", type=float, default=10.0, help="seconds of measurement (default 10)")
-    g.add_argument("--warmup", type=float, default=2.0, help="seconds of load before measuring (default 2)")
-    g.add_argument("--host", default="127.0.0.1", help="server host; loopback only (default 127.0.0.1)")
-    g.add_argument("--port", type=int, default=None, help="server port (default 7700 for tcp, 7701 for ws)")
-    g.add_argument("--procs", type=int, default=1,
-                   help="load-generator processes, each its own trio.run (default 1)")
-    g.add_argument("--cpu", default=None,
-                   help="CPU list for the load generator, e.g. 1 or 1-3 (default: 1 with --spawn-server)")
-    g.add_argument("--json", metavar="PATH", default=None, help="append the one-line JSON result to PATH")
+    g.add_argument(
+        "--duration", type=float, default=10.0, help="seconds of measurement (default 10)"
+    )
+    g.add_argument(
+        "--warmup", type=float, default=2.0, help="seconds of load before measuring (default 2)"
+    )
+    g.add_argument(
+        "--host", default="127.0.0.1", help="server host; loopback only (default 127.0.0.1)"
+    )
+    g.add_argument(
+        "--port", type=int, default=None, help="server port (default 7700 for tcp, 7701 for ws)"
+    )
+    g.add_argument(
+        "--procs",
+        type=int,
+        default=1,
+        help="load-generator processes, each its own trio.run (default 1)",
+    )
+    g.add_argument(
+        "--cpu",
+        default=None,
+        help="CPU list for the load generator, e.g. 1 or 1-3 (default: 1 with --spawn-server)",
+    )
+    g.add_argument(
+        "--json", metavar="PATH", default=None, help="append the one-line JSON result to PATH"
+    )
     g.add_argument("--quiet", action="store_true", help="no progress line on stderr")
     s = p.add_argument_group("server")
-    s.add_argument("--spawn-server", action="store_true",
-                   help="start the server with --server-config, pinned to --server-cpu; stop it at the end")
-    s.add_argument("--server-config", default=str(common.DEFAULT_CONFIG),
-                   help="config for --spawn-server (default bench/bench.toml)")
+    s.add_argument(
+        "--spawn-server",
+        action="store_true",
+        help="start the server with --server-config, pinned to --server-cpu; stop it at the end",
+    )
+    s.add_argument(
+        "--server-config",
+        default=str(common.DEFAULT_CONFIG),
+        help="config for --spawn-server (default bench/bench.toml)",
+    )
     s.add_argument("--server-cpu", default="0", help="CPU list for the spawned server (default 0)")
 
 
@@ -50,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     module, _ = SCENARIOS[args.scenario]
     try:
-        return module.run(args)
+        return int(module.run(args))
     except common.BenchError as e:
         print(f"bench: {e}", file=sys.stderr)
         return 2

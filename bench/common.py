@@ -40,7 +40,7 @@ import tomllib
 import traceback
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import trio
 
@@ -62,8 +62,8 @@ MAX_DRAIN_S = 5.0
 SETUP_TIMEOUT_S = 240.0
 HEARTBEAT_S = 15.0
 SATURATED_PCT = 85.0
-# Run-queue wait (% of wall time) above which a result is flagged as disturbed
-# by other processes competing for the same CPUs.
+# CPU use by other processes on the pinned CPUs (% of one core over the
+# window) above which a result is flagged as disturbed.
 CONTENDED_PCT = 10.0
 RECEIVE_BYTES = 262144
 MAX_FRAME = 1 << 24
@@ -184,14 +184,14 @@ class TcpConn:
         """Every frame that has arrived (at least one); raises Closed at EOF."""
         decoder = self.decoder
         while True:
-            frames = []
+            frames: list[dict[str, Any]] = []
             while True:
                 f = decoder.next_frame()
                 if f is NEED_DATA:
                     break
                 frames.append(f)
             if frames:
-                return frames  # type: ignore[return-value]
+                return frames
             try:
                 data = await self.stream.receive_some(RECEIVE_BYTES)
             except (trio.BrokenResourceError, trio.ClosedResourceError) as e:
@@ -255,7 +255,7 @@ class WsConn:
             else:
                 await self.ws.send_message(b"".join([pack(f) for f in frames]))
         except trio_websocket.ConnectionClosed as e:
-            raise Closed(e.reason.code, e.reason.reason) from None
+            raise _closed(e) from None
 
     async def receive(self) -> list[dict[str, Any]]:
         import trio_websocket
@@ -263,7 +263,7 @@ class WsConn:
         try:
             msg = await self.ws.get_message()
         except trio_websocket.ConnectionClosed as e:
-            raise Closed(e.reason.code, e.reason.reason) from None
+            raise _closed(e) from None
         if isinstance(msg, str):
             return [json.loads(msg)]
         return decode_ws(msg, max_frame_bytes=MAX_FRAME, max_message_bytes=1 << 26)
@@ -272,6 +272,12 @@ class WsConn:
         with trio.move_on_after(2):
             with contextlib.suppress(Exception):
                 await self.ws.aclose()
+
+
+def _closed(e: Any) -> Closed:
+    """Closed from trio-websocket's ConnectionClosed (whose reason may be None)."""
+    reason = e.reason
+    return Closed(getattr(reason, "code", None), getattr(reason, "reason", None))
 
 
 Conn = TcpConn | WsConn
@@ -360,7 +366,15 @@ def latency_summary(samples_ns: Iterable[int]) -> dict[str, Any]:
     s = sorted(samples_ns)
     n = len(s)
     if not n:
-        return {"n": 0, "mean": None, "p50": None, "p90": None, "p99": None, "p99_9": None, "max": None}
+        return {
+            "n": 0,
+            "mean": None,
+            "p50": None,
+            "p90": None,
+            "p99": None,
+            "p99_9": None,
+            "max": None,
+        }
 
     def pct(p: float) -> float:
         return round(s[min(n - 1, max(0, math.ceil(p / 100.0 * n) - 1))] / 1e6, 3)
@@ -376,7 +390,7 @@ def latency_summary(samples_ns: Iterable[int]) -> dict[str, Any]:
     }
 
 
-def new_samples() -> array.array:
+def new_samples() -> array.array[int]:
     return array.array("q")
 
 
@@ -388,53 +402,109 @@ def cpu_seconds() -> float:
 _CLK_TCK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 
 
-def runqueue_wait_s(pid: int | str = "self") -> float:
-    """Seconds process ``pid`` (all its threads) spent runnable but waiting for a CPU.
-
-    From ``/proc/<pid>/schedstat`` (second field, ns). High values mean other
-    processes competed for the CPUs it may use: the figures are then not
-    representative of the code under test.
-    """
-    total = 0
-    with contextlib.suppress(OSError, ValueError, IndexError):
+def _task_waits(pid: int | str) -> dict[str, int]:
+    """Run-queue wait (ns) of every thread of ``pid``, from ``/proc/<pid>/task/*/schedstat``."""
+    out: dict[str, int] = {}
+    with contextlib.suppress(OSError):
         for tid in os.listdir(f"/proc/{pid}/task"):
-            with contextlib.suppress(OSError, ValueError, IndexError):
-                with open(f"/proc/{pid}/task/{tid}/schedstat") as f:
-                    total += int(f.read().split()[1])
-    return total / NS
+            with (
+                contextlib.suppress(OSError, ValueError, IndexError),
+                open(f"/proc/{pid}/task/{tid}/schedstat") as f,
+            ):
+                out[tid] = int(f.read().split()[1])
+    return out
 
 
-def proc_tree_cpu(root: int) -> tuple[float, float, float]:
-    """CPU seconds used so far by process ``root`` and by its live descendants,
-    and the seconds all of them waited for a CPU (see :func:`runqueue_wait_s`)."""
-    stats: dict[int, tuple[int, float]] = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat", "rb") as f:
-                raw = f.read().decode(errors="replace")
-        except OSError:
-            continue
-        rest = raw[raw.rfind(")") + 2 :].split()
-        # rest[0] is field 3 (state): ppid is field 4, utime 14, stime 15.
-        ppid = int(rest[1])
-        secs = (int(rest[11]) + int(rest[12])) / _CLK_TCK
-        stats[int(entry)] = (ppid, secs)
-    if root not in stats:
-        return 0.0, 0.0, 0.0
-    children: dict[int, list[int]] = {}
-    for pid, (ppid, _) in stats.items():
-        children.setdefault(ppid, []).append(pid)
-    total = 0.0
-    wait = runqueue_wait_s(root)
-    todo = list(children.get(root, []))
-    while todo:
-        pid = todo.pop()
-        total += stats[pid][1]
-        wait += runqueue_wait_s(pid)
-        todo.extend(children.get(pid, []))
-    return stats[root][1], total, wait
+def runqueue_wait_s(pid: int | str = "self") -> float:
+    """Seconds the threads of process ``pid`` spent runnable but waiting for a CPU.
+
+    From ``/proc/<pid>/task/*/schedstat`` (second field, ns). High values mean
+    other processes competed for the CPUs it may use: the figures are then not
+    representative of the code under test. (Threads that exit take their
+    share with them; the load generator's worker is single-threaded while
+    measuring.)
+    """
+    return sum(_task_waits(pid).values()) / NS
+
+
+class TreeSample:
+    """CPU and run-queue wait of a process and its descendants at one moment.
+
+    Kept per process (CPU) and per thread (wait), so that a difference of two
+    samples only compares what exists in both: a process or thread that ends
+    in between drops out instead of making the sum go backwards, and one that
+    starts in between counts from zero.
+    """
+
+    def __init__(self, root: int) -> None:
+        self.root = root
+        self.cpu: dict[int, float] = {}
+        self.wait: dict[tuple[int, str], int] = {}
+        stats: dict[int, tuple[int, float]] = {}
+        for entry in os.listdir("/proc"):
+            if not entry.isdigit():
+                continue
+            try:
+                with open(f"/proc/{entry}/stat", "rb") as f:
+                    raw = f.read().decode(errors="replace")
+                rest = raw[raw.rfind(")") + 2 :].split()
+                # rest[0] is field 3 (state): ppid is field 4, utime 14, stime 15
+                # (process totals: all threads, live and exited).
+                stats[int(entry)] = (int(rest[1]), (int(rest[11]) + int(rest[12])) / _CLK_TCK)
+            except (OSError, ValueError, IndexError):
+                continue
+        if root not in stats:
+            return
+        children: dict[int, list[int]] = {}
+        for pid, (ppid, _) in stats.items():
+            children.setdefault(ppid, []).append(pid)
+        todo = [root]
+        while todo:
+            pid = todo.pop()
+            self.cpu[pid] = stats[pid][1]
+            for tid, ns in _task_waits(pid).items():
+                self.wait[(pid, tid)] = ns
+            todo.extend(children.get(pid, []))
+
+    def since(self, before: TreeSample) -> tuple[float, float, float]:
+        """(root CPU s, descendants' CPU s, run-queue wait s) between ``before`` and this sample."""
+        main = self.cpu.get(self.root, 0.0) - before.cpu.get(self.root, 0.0)
+        kids = sum(v - before.cpu.get(pid, 0.0) for pid, v in self.cpu.items() if pid != self.root)
+        wait = sum(v - before.wait.get(k, 0) for k, v in self.wait.items()) / NS
+        return main, kids, wait
+
+
+def cpu_times() -> dict[int, tuple[float, float]]:
+    """Per CPU: (busy seconds, total seconds) since boot, from ``/proc/stat``.
+
+    Busy counts user, nice, system, irq, softirq and steal (time the
+    hypervisor gave to someone else is time our pinned processes could not
+    have), i.e. everything but idle and iowait.
+    """
+    out: dict[int, tuple[float, float]] = {}
+    with contextlib.suppress(OSError), open("/proc/stat") as f:
+        for line in f:
+            if not line.startswith("cpu") or line.startswith("cpu "):
+                continue
+            name, *vals = line.split()
+            v = [int(x) for x in vals[:8]]
+            v += [0] * (8 - len(v))
+            user, nice, system, idle, iowait, irq, softirq, steal = v
+            busy = user + nice + system + irq + softirq + steal
+            out[int(name[3:])] = (busy / _CLK_TCK, (busy + idle + iowait) / _CLK_TCK)
+    return out
+
+
+def cpu_busy_pct(
+    before: dict[int, tuple[float, float]], after: dict[int, tuple[float, float]]
+) -> dict[int, float]:
+    """Busy % of each CPU between two :func:`cpu_times` samples."""
+    out: dict[int, float] = {}
+    for cpu, (busy, total) in after.items():
+        b0, t0 = before.get(cpu, (0.0, 0.0))
+        if total > t0:
+            out[cpu] = round((busy - b0) / (total - t0) * 100, 1)
+    return out
 
 
 # ----------------------------------------------------------- environment
@@ -451,14 +521,24 @@ def environment() -> dict[str, Any]:
     commit = None
     dirty = None
     with contextlib.suppress(Exception):
-        commit = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=5
-        ).stdout.strip() or None
+        commit = (
+            subprocess.run(
+                ["git", "rev-parse", "--short", "HEAD"],
+                cwd=REPO_ROOT,
+                capture_output=True,
+                text=True,
+                timeout=5,
+            ).stdout.strip()
+            or None
+        )
         if commit:
             dirty = bool(
                 subprocess.run(
                     ["git", "status", "--porcelain", "--untracked-files=no"],
-                    cwd=REPO_ROOT, capture_output=True, text=True, timeout=5,
+                    cwd=REPO_ROOT,
+                    capture_output=True,
+                    text=True,
+                    timeout=5,
                 ).stdout.strip()
             )
     return {
@@ -528,23 +608,34 @@ class SpawnedServer:
         env["PYTHONUNBUFFERED"] = "1"
         log = open(SERVER_LOG, "ab")  # noqa: SIM115 - handed to the child
         self._log_start = log.seek(0, os.SEEK_END)
-        log.write(f"=== bench: {' '.join(cmd)} at {datetime.datetime.now(datetime.UTC).isoformat()}\n".encode())
+        stamp = datetime.datetime.now(datetime.UTC).isoformat()
+        log.write(f"=== bench: {' '.join(cmd)} at {stamp}\n".encode())
         log.flush()
         self.proc = subprocess.Popen(
-            cmd, cwd=REPO_ROOT, env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
-            start_new_session=True, preexec_fn=_set_pdeathsig,
+            cmd,
+            cwd=REPO_ROOT,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=log,
+            start_new_session=True,
+            preexec_fn=_set_pdeathsig,
         )
         log.close()
         deadline = time.monotonic() + timeout
         while True:
             if self.proc.poll() is not None:
                 self.exit_code = self.proc.returncode
-                raise BenchError(f"server exited with {self.proc.returncode} while starting:\n{self.log_tail()}")
+                raise BenchError(
+                    f"server exited with {self.proc.returncode} while starting:\n{self.log_tail()}"
+                )
             if _port_open(self.host, self.tcp_port) and _port_open(self.host, self.ws_port):
                 return
             if time.monotonic() > deadline:
                 self.stop()
-                raise BenchError(f"server did not listen within {timeout:.0f} s:\n{self.log_tail()}")
+                raise BenchError(
+                    f"server did not listen within {timeout:.0f} s:\n{self.log_tail()}"
+                )
             time.sleep(0.1)
 
     def alive(self) -> bool:
@@ -559,7 +650,10 @@ class SpawnedServer:
             try:
                 self.proc.wait(timeout)
             except subprocess.TimeoutExpired:
-                print(f"bench: server did not stop within {timeout:.0f} s; killing it", file=sys.stderr)
+                print(
+                    f"bench: server did not stop within {timeout:.0f} s; killing it",
+                    file=sys.stderr,
+                )
                 self.proc.kill()
                 self.proc.wait()
         self.exit_code = self.proc.returncode
@@ -635,7 +729,9 @@ class WorkerLink:
             self.conn.send(("error", text))
 
 
-def _worker_entry(module: str, fn: str, spec: dict[str, Any], conn: multiprocessing.connection.Connection) -> None:
+def _worker_entry(
+    module: str, fn: str, spec: dict[str, Any], conn: multiprocessing.connection.Connection
+) -> None:
     import importlib
 
     link = WorkerLink(conn)
@@ -659,7 +755,7 @@ def _worker_entry(module: str, fn: str, spec: dict[str, Any], conn: multiprocess
             link.error("; ".join(sorted({str(x) for x in leaves}))[:2000])
         else:
             link.error(traceback.format_exc())
-    except BaseException:
+    except BaseException:  # noqa: BLE001 - the worker's boundary: report, the parent decides
         link.error(traceback.format_exc())
     finally:
         conn.close()
@@ -737,12 +833,13 @@ def run_workers(
         raise BenchError(msg)
 
     def poll(timeout: float) -> list[tuple[int, tuple[Any, ...]]]:
-        out = []
+        out: list[tuple[int, tuple[Any, ...]]] = []
         open_links = [c for i, c in enumerate(links) if results[i] is None]
-        for c in multiprocessing.connection.wait(open_links, timeout=timeout):
-            i = links.index(c)  # type: ignore[arg-type]
+        for ready in multiprocessing.connection.wait(open_links, timeout=timeout):
+            c = cast(multiprocessing.connection.Connection, ready)
+            i = links.index(c)
             try:
-                msg = c.recv()  # type: ignore[union-attr]
+                msg: tuple[Any, ...] = c.recv()
                 if msg[0] == "tokens":
                     if tokens is not None:
                         tokens.update(msg[1])
@@ -785,16 +882,22 @@ def run_workers(
         for c in links:
             c.send(("start", t0))
         srv0 = srv1 = None
+        machine0: tuple[int, dict[int, tuple[float, float]], float] | None = None
+        machine1: tuple[int, dict[int, tuple[float, float]], float] | None = None
         next_tick = t0 + NS
         while any(r is None for r in results):
             now = now_ns()
             if now > hard_end:
                 fail("workers did not finish in time")
+            if machine0 is None and now >= w0:
+                machine0 = (now, cpu_times(), cpu_seconds())
+            if machine1 is None and now >= w1:
+                machine1 = (now, cpu_times(), cpu_seconds())
             if server is not None and server.pid:
                 if srv0 is None and now >= w0:
-                    srv0 = (now, proc_tree_cpu(server.pid))
+                    srv0 = (now, TreeSample(server.pid))
                 if srv1 is None and now >= w1:
-                    srv1 = (now, proc_tree_cpu(server.pid))
+                    srv1 = (now, TreeSample(server.pid))
             for i, msg in poll(0.05):
                 kind = msg[0]
                 if kind == "progress":
@@ -808,14 +911,17 @@ def run_workers(
                 phase = "warmup" if now < w0 else "measure" if now < w1 else "drain"
                 progress.show(progress_line(phase, (now - t0) / NS, latest))
         progress.done()
+        if machine0 and machine1:
+            wall = (machine1[0] - machine0[0]) / NS
+            observed["cpu_busy_pct"] = cpu_busy_pct(machine0[1], machine1[1])
+            observed["parent_cpu_pct"] = round((machine1[2] - machine0[2]) / wall * 100, 1)
         if srv0 and srv1:
             wall = (srv1[0] - srv0[0]) / NS
-            main = (srv1[1][0] - srv0[1][0]) / wall * 100
-            kids = (srv1[1][1] - srv0[1][1]) / wall * 100
-            observed["server_cpu_pct"] = round(main + kids, 1)
-            observed["server_python_cpu_pct"] = round(main, 1)
-            observed["server_postgres_cpu_pct"] = round(kids, 1)
-            observed["server_runqueue_wait_pct"] = round((srv1[1][2] - srv0[1][2]) / wall * 100, 1)
+            main_s, kids_s, wait_s = srv1[1].since(srv0[1])
+            observed["server_cpu_pct"] = round((main_s + kids_s) / wall * 100, 1)
+            observed["server_python_cpu_pct"] = round(main_s / wall * 100, 1)
+            observed["server_postgres_cpu_pct"] = round(kids_s / wall * 100, 1)
+            observed["server_runqueue_wait_pct"] = round(wait_s / wall * 100, 1)
     finally:
         progress.done()
         for p in procs:
@@ -850,4 +956,7 @@ def fmt_rate(x: float) -> str:
 def fmt_lat(d: dict[str, Any]) -> str:
     if not d.get("n"):
         return "no samples"
-    return f"p50 {d['p50']:.2f}  p99 {d['p99']:.2f}  p99.9 {d['p99_9']:.2f}  max {d['max']:.2f} ms  (n={d['n']:,})"
+    return (
+        f"p50 {d['p50']:.2f}  p99 {d['p99']:.2f}  p99.9 {d['p99_9']:.2f}  "
+        f"max {d['max']:.2f} ms  (n={d['n']:,})"
+    )

@@ -40,14 +40,30 @@ from .common import NS, BenchError, Closed, now_ns, trio_deadline
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--pairs", type=int, default=100, help="sender/receiver pairs (default 100)")
-    p.add_argument("--transport", choices=("tcp", "ws", "ws-json"), default="tcp",
-                   help="tcp (MessagePack frames), ws (binary MessagePack), ws-json (JSON text)")
-    p.add_argument("--mode", choices=("closed", "open"), default="closed",
-                   help="closed: --window sends in flight per sender; open: fixed --rate schedule")
-    p.add_argument("--window", type=int, default=8, help="closed loop: unacked sends per sender (default 8)")
-    p.add_argument("--rate", type=float, default=None,
-                   help="open loop: total offered messages/s over all senders (required with --mode open)")
-    p.add_argument("--body-bytes", type=int, default=32, help="message body size in bytes (default 32)")
+    p.add_argument(
+        "--transport",
+        choices=("tcp", "ws", "ws-json"),
+        default="tcp",
+        help="tcp (MessagePack frames), ws (binary MessagePack), ws-json (JSON text)",
+    )
+    p.add_argument(
+        "--mode",
+        choices=("closed", "open"),
+        default="closed",
+        help="closed: --window sends in flight per sender; open: fixed --rate schedule",
+    )
+    p.add_argument(
+        "--window", type=int, default=8, help="closed loop: unacked sends per sender (default 8)"
+    )
+    p.add_argument(
+        "--rate",
+        type=float,
+        default=None,
+        help="open loop: total offered messages/s over all senders (required with --mode open)",
+    )
+    p.add_argument(
+        "--body-bytes", type=int, default=32, help="message body size in bytes (default 32)"
+    )
 
 
 # ---------------------------------------------------------------- worker
@@ -55,8 +71,20 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 class Pair:
     __slots__ = (
-        "ack_ooo", "conv", "dups", "expected", "gaps", "idx", "inflight", "last_ack_seq",
-        "next_n", "phase_ns", "rconn", "receiver", "sconn", "sender",
+        "ack_ooo",
+        "conv",
+        "dups",
+        "expected",
+        "gaps",
+        "idx",
+        "inflight",
+        "last_ack_seq",
+        "next_n",
+        "phase_ns",
+        "rconn",
+        "receiver",
+        "sconn",
+        "sender",
     )
 
     def __init__(self, idx: int) -> None:
@@ -107,7 +135,9 @@ async def _worker(spec: dict[str, Any], link: common.WorkerLink) -> dict[str, An
             background.cancel_scope.cancel()
 
 
-async def _run_pairs(spec: dict[str, Any], link: common.WorkerLink, background: trio.Nursery) -> dict[str, Any]:
+async def _run_pairs(
+    spec: dict[str, Any], link: common.WorkerLink, background: trio.Nursery
+) -> dict[str, Any]:
     connect = common.connector(spec["transport"], spec["host"], spec["port"], background)
     limiter = trio.CapacityLimiter(spec["auth_concurrency"])
     tokens: dict[str, str] = spec["tokens"]
@@ -132,7 +162,9 @@ async def _run_pairs(spec: dict[str, Any], link: common.WorkerLink, background: 
         p.rconn = await login(p.receiver)
         reply = await common.request(p.sconn, {"op": "sync", "rid": 1})
         if reply["op"] != "ok":
-            raise BenchError(f"{p.sender}: sync failed: {reply.get('code')}: {reply.get('message')}")
+            raise BenchError(
+                f"{p.sender}: sync failed: {reply.get('code')}: {reply.get('message')}"
+            )
         last = 0
         for c in reply.get("convs", []):
             if c.get("conv") == p.conv:
@@ -176,7 +208,14 @@ async def _run_pairs(spec: dict[str, Any], link: common.WorkerLink, background: 
         n = p.next_n
         p.next_n = n + 1
         p.inflight[n] = t
-        return {"op": "send", "rid": n, "to": p.receiver, "cid": f"{run_id}.{n}", "body": body, "meta": {"t": t}}
+        return {
+            "op": "send",
+            "rid": n,
+            "to": p.receiver,
+            "cid": f"{run_id}.{n}",
+            "body": body,
+            "meta": {"t": t},
+        }
 
     async def sender_reader(p: Pair) -> None:
         receive = p.sconn.receive
@@ -191,7 +230,7 @@ async def _run_pairs(spec: dict[str, Any], link: common.WorkerLink, background: 
                 for f in frames:
                     op = f.get("op")
                     if op == "ok":
-                        t = inflight.pop(f.get("rid"), None)  # type: ignore[arg-type]
+                        t = inflight.pop(f.get("rid"), None)
                         if t is None:
                             st.stray += 1
                             continue
@@ -207,7 +246,7 @@ async def _run_pairs(spec: dict[str, Any], link: common.WorkerLink, background: 
                         if w0 <= t < w1:
                             ack_lat.append(now - t)
                     elif op == "error":
-                        inflight.pop(f.get("rid"), None)  # type: ignore[arg-type]
+                        inflight.pop(f.get("rid"), None)
                         st.errors[str(f.get("code"))] += 1
                     elif op == "kicked":
                         st.kicked[str(f.get("reason"))] += 1
@@ -296,10 +335,15 @@ async def _run_pairs(spec: dict[str, Any], link: common.WorkerLink, background: 
         while True:
             next_t += NS // 2
             await trio.sleep_until(trio_deadline(next_t))
-            link.progress({
-                "sent": st.sent, "acked": st.acked, "delivered": st.delivered,
-                "errors": sum(st.errors.values()), "inflight": sum(len(p.inflight) for p in pairs),
-            })
+            link.progress(
+                {
+                    "sent": st.sent,
+                    "acked": st.acked,
+                    "delivered": st.delivered,
+                    "errors": sum(st.errors.values()),
+                    "inflight": sum(len(p.inflight) for p in pairs),
+                }
+            )
 
     def settled() -> bool:
         return all(not p.inflight and p.expected - 1 >= p.last_ack_seq for p in pairs)
@@ -328,7 +372,7 @@ async def _run_pairs(spec: dict[str, Any], link: common.WorkerLink, background: 
             n.start_soon(reporter)
             n.start_soon(cpu_probe)
             await trio.sleep_until(trio_deadline(w1))
-            while now_ns() < drain_end and not settled():
+            while now_ns() < drain_end and not settled():  # noqa: ASYNC110 - bounded poll
                 await trio.sleep(0.01)
             drained_at = now_ns()
             n.cancel_scope.cancel()
@@ -342,16 +386,27 @@ async def _run_pairs(spec: dict[str, Any], link: common.WorkerLink, background: 
     return {
         "pid": os.getpid(),
         "pairs": len(pairs),
-        "sent": st.sent, "acked": st.acked, "delivered": st.delivered,
-        "sent_win": st.sent_win, "acked_win": st.acked_win, "delivered_win": st.delivered_win,
-        "errors": dict(st.errors), "kicked": dict(st.kicked), "closed": st.closed, "stray": st.stray,
-        "gaps": sum(p.gaps for p in pairs), "dups": sum(p.dups for p in pairs),
+        "sent": st.sent,
+        "acked": st.acked,
+        "delivered": st.delivered,
+        "sent_win": st.sent_win,
+        "acked_win": st.acked_win,
+        "delivered_win": st.delivered_win,
+        "errors": dict(st.errors),
+        "kicked": dict(st.kicked),
+        "closed": st.closed,
+        "stray": st.stray,
+        "gaps": sum(p.gaps for p in pairs),
+        "dups": sum(p.dups for p in pairs),
         "ack_out_of_order": sum(p.ack_ooo for p in pairs),
         "undelivered": sum(max(0, p.last_ack_seq - (p.expected - 1)) for p in pairs),
         "unacked": sum(len(p.inflight) for p in pairs),
         "drain_s": round(((drained_at or drain_end) - w1) / NS, 3),
-        "cpu_pct": cpu_pct, "runqueue_wait_pct": wait_pct,
-        "ack_lat": st.ack_lat.tobytes(), "del_lat": st.del_lat.tobytes(), "sched_lag": st.sched_lag.tobytes(),
+        "cpu_pct": cpu_pct,
+        "runqueue_wait_pct": wait_pct,
+        "ack_lat": st.ack_lat.tobytes(),
+        "del_lat": st.del_lat.tobytes(),
+        "sched_lag": st.sched_lag.tobytes(),
     }
 
 
@@ -367,7 +422,7 @@ async def _close_all(pairs: list[Pair]) -> None:
 # ---------------------------------------------------------------- parent
 
 
-def _samples(results: list[dict[str, Any]], key: str) -> array.array:
+def _samples(results: list[dict[str, Any]], key: str) -> array.array[int]:
     out = array.array("q")
     for r in results:
         out.frombytes(r[key])
@@ -406,10 +461,16 @@ def run(args: argparse.Namespace) -> int:
                 raise BenchError("--spawn-server listens on 127.0.0.1; leave --host at its default")
             if port not in (server.tcp_port, server.ws_port):
                 raise BenchError(f"--port {port} is not a port of {config}")
-            print(f"bench: starting server (taskset -c {server_cpus}) with {config.name} ...", file=sys.stderr)
+            print(
+                f"bench: starting server (taskset -c {server_cpus}) with {config.name} ...",
+                file=sys.stderr,
+            )
             t = time.monotonic()
             server.start()
-            print(f"bench: server up in {time.monotonic() - t:.1f} s (pid {server.pid})", file=sys.stderr)
+            print(
+                f"bench: server up in {time.monotonic() - t:.1f} s (pid {server.pid})",
+                file=sys.stderr,
+            )
         if gen_cpus is not None:
             common.set_affinity(common.parse_cpus(gen_cpus))
         tokens = common.load_tokens()
@@ -417,29 +478,56 @@ def run(args: argparse.Namespace) -> int:
         specs = []
         for w in range(procs):
             idx = list(range(w, args.pairs, procs))
-            specs.append({
-                "transport": args.transport, "host": args.host, "port": port, "mode": args.mode,
-                "window": args.window, "rate": args.rate, "total_pairs": args.pairs, "pairs": idx,
-                "body_bytes": args.body_bytes, "warmup": args.warmup, "duration": args.duration,
-                "run_id": f"{run_id}{w}", "auth_concurrency": max(1, 4 // procs),
-                "tokens": {u: tokens[u] for i in idx for u in (f"s{i}", f"r{i}") if u in tokens},
-            })
+            specs.append(
+                {
+                    "transport": args.transport,
+                    "host": args.host,
+                    "port": port,
+                    "mode": args.mode,
+                    "window": args.window,
+                    "rate": args.rate,
+                    "total_pairs": args.pairs,
+                    "pairs": idx,
+                    "body_bytes": args.body_bytes,
+                    "warmup": args.warmup,
+                    "duration": args.duration,
+                    "run_id": f"{run_id}{w}",
+                    "auth_concurrency": max(1, 4 // procs),
+                    "tokens": {
+                        u: tokens[u] for i in idx for u in (f"s{i}", f"r{i}") if u in tokens
+                    },
+                }
+            )
 
         prev: dict[str, Any] = {}
 
         def progress_line(phase: str, t: float, latest: list[dict[str, Any]]) -> str:
-            tot = {k: sum(d.get(k, 0) for d in latest) for k in ("sent", "acked", "delivered", "errors", "inflight")}
+            tot = {
+                k: sum(d.get(k, 0) for d in latest)
+                for k in ("sent", "acked", "delivered", "errors", "inflight")
+            }
             dt = t - prev.get("t", 0.0) if prev else t
-            rate = {k: (tot[k] - prev.get(k, 0)) / dt if dt > 0 else 0.0 for k in ("acked", "delivered")}
+            rate = {
+                k: (tot[k] - prev.get(k, 0)) / dt if dt > 0 else 0.0 for k in ("acked", "delivered")
+            }
             prev.update(tot, t=t)
-            return (f"bench {phase:7s} {t:5.1f}s  acked {rate['acked']:8,.0f}/s  delivered "
-                    f"{rate['delivered']:8,.0f}/s  inflight {tot['inflight']:6,d}  errors {tot['errors']:,d}")
+            return (
+                f"bench {phase:7s} {t:5.1f}s  acked {rate['acked']:8,.0f}/s  "
+                f"delivered {rate['delivered']:8,.0f}/s  inflight {tot['inflight']:6,d}  "
+                f"errors {tot['errors']:,d}"
+            )
 
         try:
             results, observed = common.run_workers(
-                "bench.pairs", specs, warmup=args.warmup, duration=args.duration,
-                setup_timeout=common.SETUP_TIMEOUT_S, progress_line=progress_line, server=server,
-                progress=common.Progress(not args.quiet), tokens=tokens,
+                "bench.pairs",
+                specs,
+                warmup=args.warmup,
+                duration=args.duration,
+                setup_timeout=common.SETUP_TIMEOUT_S,
+                progress_line=progress_line,
+                server=server,
+                progress=common.Progress(not args.quiet),
+                tokens=tokens,
             )
         finally:
             common.save_tokens(tokens)
@@ -461,36 +549,74 @@ def run(args: argparse.Namespace) -> int:
     lag = common.latency_summary(_samples(results, "sched_lag")) if args.mode == "open" else None
     cpu_per_proc = [round(r["cpu_pct"], 1) for r in results if r["cpu_pct"] is not None]
     cpu_max = max(cpu_per_proc) if cpu_per_proc else None
+    # Saturated: one process near a full core, or (pinned) all of them together
+    # near the capacity of the CPUs they share.
     saturated = cpu_max is not None and cpu_max > common.SATURATED_PCT
-    gen_wait = [round(r["runqueue_wait_pct"], 1) for r in results if r["runqueue_wait_pct"] is not None]
+    if gen_cpus is not None and cpu_per_proc:
+        gen_cores = len(common.parse_cpus(gen_cpus))
+        own_total = sum(cpu_per_proc) + (observed.get("parent_cpu_pct") or 0.0)
+        saturated = saturated or own_total > common.SATURATED_PCT * gen_cores
+    gen_wait = [
+        round(r["runqueue_wait_pct"], 1) for r in results if r["runqueue_wait_pct"] is not None
+    ]
     srv_wait = observed.get("server_runqueue_wait_pct")
-    contended = bool(
-        (gen_wait and max(gen_wait) > common.CONTENDED_PCT)
-        or (srv_wait is not None and srv_wait > common.CONTENDED_PCT)
-    )
-    tot = lambda k: sum(r[k] for r in results)  # noqa: E731
+    # What other processes used on the CPUs we pinned to: busy time of those
+    # CPUs minus our own processes' CPU time (only meaningful when pinned).
+    busy = observed.get("cpu_busy_pct") or {}
+    foreign_gen = foreign_srv = None
+    if gen_cpus is not None and busy and cpu_per_proc:
+        gen_set = common.parse_cpus(gen_cpus)
+        if server_cpus is None or not gen_set & common.parse_cpus(server_cpus):
+            own = sum(cpu_per_proc) + (observed.get("parent_cpu_pct") or 0.0)
+            foreign_gen = round(max(0.0, sum(busy.get(c, 0.0) for c in gen_set) - own), 1)
+    if args.spawn_server and server_cpus is not None and busy and "server_cpu_pct" in observed:
+        srv_set = common.parse_cpus(server_cpus)
+        if gen_cpus is None or not srv_set & common.parse_cpus(gen_cpus):
+            own = observed["server_cpu_pct"]
+            foreign_srv = round(max(0.0, sum(busy.get(c, 0.0) for c in srv_set) - own), 1)
+    contended = any(x is not None and x > common.CONTENDED_PCT for x in (foreign_gen, foreign_srv))
+
+    def tot(k: str) -> int:
+        return sum(int(r[k]) for r in results)
+
     result: dict[str, Any] = {
         "bench": "pairs",
         **env,
-        "transport": args.transport, "mode": args.mode, "pairs": args.pairs,
+        "transport": args.transport,
+        "mode": args.mode,
+        "pairs": args.pairs,
         "window": args.window if args.mode == "closed" else None,
         "rate": args.rate if args.mode == "open" else None,
-        "duration_s": dur, "warmup_s": args.warmup, "body_bytes": args.body_bytes,
-        "procs": procs, "loadgen_cpus": gen_cpus, "spawn_server": bool(args.spawn_server),
+        "duration_s": dur,
+        "warmup_s": args.warmup,
+        "body_bytes": args.body_bytes,
+        "procs": procs,
+        "loadgen_cpus": gen_cpus,
+        "spawn_server": bool(args.spawn_server),
         "server_cpus": server_cpus if args.spawn_server else None,
         "fsync": True if args.spawn_server else None,
         "sent_per_s": round(tot("sent_win") / dur, 1),
         "acked_per_s": round(tot("acked_win") / dur, 1),
         "delivered_per_s": round(tot("delivered_win") / dur, 1),
-        "ack_latency_ms": ack, "delivery_latency_ms": dlv,
+        "ack_latency_ms": ack,
+        "delivery_latency_ms": dlv,
         "sched_lag_ms": lag,
-        "sent": tot("sent"), "acked": tot("acked"), "delivered": tot("delivered"),
-        "errors": dict(errors), "kicked": dict(kicked), "connections_closed": tot("closed"),
-        "gaps": tot("gaps"), "dups": tot("dups"), "ack_out_of_order": tot("ack_out_of_order"),
-        "undelivered": tot("undelivered"), "unacked": tot("unacked"), "stray_frames": tot("stray"),
+        "sent": tot("sent"),
+        "acked": tot("acked"),
+        "delivered": tot("delivered"),
+        "errors": dict(errors),
+        "kicked": dict(kicked),
+        "connections_closed": tot("closed"),
+        "gaps": tot("gaps"),
+        "dups": tot("dups"),
+        "ack_out_of_order": tot("ack_out_of_order"),
+        "undelivered": tot("undelivered"),
+        "unacked": tot("unacked"),
+        "stray_frames": tot("stray"),
         "drain_s": max(r["drain_s"] for r in results),
         "setup_s": observed.get("setup_s"),
-        "loadgen_cpu_pct": cpu_per_proc, "loadgen_saturated": saturated,
+        "loadgen_cpu_pct": cpu_per_proc,
+        "loadgen_saturated": saturated,
         "loadgen_runqueue_wait_pct": gen_wait,
         "server_cpu_pct": observed.get("server_cpu_pct"),
         "server_python_cpu_pct": observed.get("server_python_cpu_pct"),
@@ -498,56 +624,99 @@ def run(args: argparse.Namespace) -> int:
         "server_runqueue_wait_pct": srv_wait,
         "server_cpu_us_per_msg": (
             round(observed["server_cpu_pct"] / 100 / (tot("acked_win") / dur) * 1e6, 1)
-            if observed.get("server_cpu_pct") is not None and tot("acked_win") else None
+            if observed.get("server_cpu_pct") is not None and tot("acked_win")
+            else None
         ),
+        "cpu_busy_pct": {str(k): v for k, v in sorted(busy.items())},
+        "foreign_cpu_pct_loadgen_cpus": foreign_gen,
+        "foreign_cpu_pct_server_cpus": foreign_srv,
         "cpu_contended": contended,
         "loadavg_1m_after": round(os.getloadavg()[0], 2),
-        "server_exit_code": server_exit, "server_log_problems": len(problems),
+        "server_exit_code": server_exit,
+        "server_log_problems": len(problems),
     }
 
-    mode = f"closed loop, window {args.window}" if args.mode == "closed" else f"open loop, {args.rate:,.0f} msg/s offered"
+    mode = (
+        f"closed loop, window {args.window}"
+        if args.mode == "closed"
+        else f"open loop, {args.rate:,.0f} msg/s offered"
+    )
     lines = [
         f"bench pairs: {args.transport}, {mode}, {args.pairs} pairs, {dur:g} s measured after "
         f"{args.warmup:g} s warmup, body {args.body_bytes} B",
     ]
     if args.mode == "open":
-        lines.append(f"  offered    {common.fmt_rate(result['sent_per_s']):>9} msg/s   schedule lag    {common.fmt_lat(lag or {})}")
+        lines.append(
+            f"  offered    {common.fmt_rate(result['sent_per_s']):>9} msg/s   "
+            f"schedule lag    {common.fmt_lat(lag or {})}"
+        )
     lines += [
-        f"  acked      {common.fmt_rate(result['acked_per_s']):>9} msg/s   send->ack       {common.fmt_lat(ack)}",
-        f"  delivered  {common.fmt_rate(result['delivered_per_s']):>9} msg/s   send->delivery  {common.fmt_lat(dlv)}",
-        "  errors: " + (", ".join(f"{k} {v}" for k, v in sorted(errors.items())) or "none")
-        + ("; kicked: " + ", ".join(f"{k} {v}" for k, v in sorted(kicked.items())) if kicked else "")
-        + (f"; connections closed by server: {result['connections_closed']}" if result["connections_closed"] else ""),
+        f"  acked      {common.fmt_rate(result['acked_per_s']):>9} msg/s   "
+        f"send->ack       {common.fmt_lat(ack)}",
+        f"  delivered  {common.fmt_rate(result['delivered_per_s']):>9} msg/s   "
+        f"send->delivery  {common.fmt_lat(dlv)}",
+        "  errors: "
+        + (", ".join(f"{k} {v}" for k, v in sorted(errors.items())) or "none")
+        + (
+            "; kicked: " + ", ".join(f"{k} {v}" for k, v in sorted(kicked.items()))
+            if kicked
+            else ""
+        )
+        + (
+            f"; connections closed by server: {result['connections_closed']}"
+            if result["connections_closed"]
+            else ""
+        ),
         f"  correctness: gaps {result['gaps']}, dups {result['dups']}, acks out of order "
-        f"{result['ack_out_of_order']}, undelivered {result['undelivered']}, unacked {result['unacked']}",
+        f"{result['ack_out_of_order']}, undelivered {result['undelivered']}, "
+        f"unacked {result['unacked']}",
     ]
     gen = f"  load generator: {procs} proc(s)" + (f" on CPUs {gen_cpus}" if gen_cpus else "")
     gen += f", CPU {'/'.join(f'{c:.0f}%' for c in cpu_per_proc)} of a core"
     if result["server_cpu_pct"] is not None:
-        gen += (f"; server (CPUs {server_cpus}): {result['server_cpu_pct']:.0f}% "
-                f"(python {result['server_python_cpu_pct']:.0f}%, postgres {result['server_postgres_cpu_pct']:.0f}%)")
+        gen += (
+            f"; server (CPUs {server_cpus}): {result['server_cpu_pct']:.0f}% "
+            f"(python {result['server_python_cpu_pct']:.0f}%, "
+            f"postgres {result['server_postgres_cpu_pct']:.0f}%)"
+        )
         if result["server_cpu_us_per_msg"] is not None:
             gen += f", {result['server_cpu_us_per_msg']:.0f} us CPU per acked message"
     lines.append(gen)
+
+    def fmt(x: float | None) -> str:
+        return "?" if x is None else f"{x:.0f}%"
+
     lines.append(
-        "  CPU contention (time runnable but waiting for a CPU): load generator "
-        + ("/".join(f"{w:.0f}%" for w in gen_wait) or "?")
-        + (f", server {srv_wait:.0f}%" if srv_wait is not None else "")
-        + f"; load average {result['loadavg_1m_before']:.1f} -> {result['loadavg_1m_after']:.1f}"
+        f"  other processes' CPU on the pinned CPUs: server CPUs {fmt(foreign_srv)}, "
+        f"load generator CPUs {fmt(foreign_gen)}; load average "
+        f"{result['loadavg_1m_before']:.1f} -> {result['loadavg_1m_after']:.1f}"
     )
     if contended:
-        lines.append("  WARNING: other processes competed for the pinned CPUs: figures are disturbed; "
-                     "rerun on a quiet machine")
+        lines.append(
+            "  WARNING: other processes competed for the pinned CPUs: figures are disturbed; "
+            "rerun on a quiet machine"
+        )
     if saturated:
-        lines.append("  WARNING: load generator saturated: results are a lower bound; use --procs")
+        hint = (
+            "use --procs with more CPUs in --cpu"
+            if gen_cpus is not None and len(common.parse_cpus(gen_cpus)) <= procs
+            else "use --procs"
+        )
+        lines.append(f"  WARNING: load generator saturated: results are a lower bound; {hint}")
     bad = result["gaps"] or result["dups"] or result["ack_out_of_order"] or result["undelivered"]
     if bad:
         lines.append("  WARNING: correctness check failed (see counts above)")
     if result["unacked"]:
-        lines.append(f"  WARNING: {result['unacked']:,} sends were still unanswered {common.MAX_DRAIN_S:g} s after the "
-                     "window: the server has a backlog (overloaded); latencies above exclude them")
+        lines.append(
+            f"  WARNING: {result['unacked']:,} sends were still unanswered "
+            f"{common.MAX_DRAIN_S:g} s after the window: the server has a backlog "
+            "(overloaded); latencies above exclude them"
+        )
     if problems:
-        lines.append(f"  WARNING: server log has {len(problems)} warning/error line(s) ({common.SERVER_LOG}), first:")
+        lines.append(
+            f"  WARNING: server log has {len(problems)} warning/error line(s) "
+            f"({common.SERVER_LOG}), first:"
+        )
         lines += ["    " + p[:300] for p in problems[:5]]
     if server_exit not in (None, 0):
         lines.append(f"  WARNING: server exited with code {server_exit}")
