@@ -11,6 +11,7 @@ Transport errors are mapped once, here, to :class:`TransportClosed`.
 from __future__ import annotations
 
 import abc
+import struct
 from collections.abc import Sequence
 from typing import Any, ClassVar
 
@@ -28,13 +29,15 @@ class Payload:
     group message is packed once, not once per member (issue 3).
     """
 
-    __slots__ = ("_json", "_msgpack", "_tcp", "frame")
+    __slots__ = ("_json", "_msgpack", "_tcp", "_ws_binary", "_ws_text", "frame")
 
     def __init__(self, frame: dict[str, Any]) -> None:
         self.frame = frame
         self._msgpack: bytes | None = None
         self._tcp: bytes | None = None
         self._json: str | None = None
+        self._ws_text: bytes | None = None
+        self._ws_binary: bytes | None = None
 
     def __repr__(self) -> str:
         return f"<Payload op={self.frame.get('op')!r}>"
@@ -60,6 +63,35 @@ class Payload:
         if s is None:
             s = self._json = to_json(self.frame)
         return s
+
+    def ws_text(self) -> bytes:
+        """A whole server-to-client WebSocket text frame holding the JSON."""
+        b = self._ws_text
+        if b is None:
+            b = self._ws_text = ws_frame(0x1, self.json().encode())
+        return b
+
+    def ws_binary(self) -> bytes:
+        """A whole server-to-client WebSocket binary frame holding the one map."""
+        b = self._ws_binary
+        if b is None:
+            b = self._ws_binary = ws_frame(0x2, self.msgpack())
+        return b
+
+
+def ws_frame(opcode: int, payload: bytes) -> bytes:
+    """One unfragmented, unmasked WebSocket frame (RFC 6455 §5.2), as a server sends it.
+
+    Built here rather than through wsproto for data messages: wsproto spends
+    about 20 us per message building the same bytes, and a fan-out shares one
+    framed copy between all connections of an encoding.
+    """
+    n = len(payload)
+    if n < 126:
+        return bytes((0x80 | opcode, n)) + payload
+    if n < 65536:
+        return struct.pack("!BBH", 0x80 | opcode, 126, n) + payload
+    return struct.pack("!BBQ", 0x80 | opcode, 127, n) + payload
 
 
 class Transport(abc.ABC):

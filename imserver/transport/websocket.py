@@ -105,7 +105,7 @@ from wsproto.utilities import LocalProtocolError, generate_accept_token
 from protocol.codec import decode_ws
 from protocol.errors import WS_CLOSE_TOO_BIG, FrameError
 
-from .base import Payload, Transport, TransportClosed
+from .base import Payload, Transport, TransportClosed, ws_frame
 
 __all__ = ["CLOSE_TIMEOUT", "RECEIVE_BYTES", "WebSocketTransport"]
 
@@ -540,7 +540,38 @@ class WebSocketTransport(Transport):
             lock.release()
 
     def _encode(self, payloads: Sequence[Payload]) -> bytes:
-        """The wire bytes of ``payloads``: MessagePack maps packed, or JSON texts."""
+        """The wire bytes of ``payloads``: MessagePack maps packed, or JSON texts.
+
+        Data frames are built by :func:`~imserver.transport.base.ws_frame` (and
+        cached on the shared ``Payload``) while the connection is open; wsproto
+        keeps no state for whole data messages, and after a close it is asked,
+        so it still refuses data as before.
+        """
+        if self._conn.state is not _OPEN:
+            return self._encode_wsproto(payloads)
+        if self.text:
+            if len(payloads) == 1:
+                return payloads[0].ws_text()
+            return b"".join([p.ws_text() for p in payloads])
+        if len(payloads) == 1:
+            return payloads[0].ws_binary()
+        limit = self._max_message_bytes
+        out: list[bytes] = []
+        batch: list[bytes] = []
+        size = 0
+        for p in payloads:
+            packed = p.msgpack()
+            n = len(packed)
+            if size + n > limit and batch:
+                out.append(ws_frame(0x2, b"".join(batch)))
+                batch = []
+                size = 0
+            batch.append(packed)
+            size += n
+        out.append(ws_frame(0x2, b"".join(batch)))
+        return b"".join(out)
+
+    def _encode_wsproto(self, payloads: Sequence[Payload]) -> bytes:
         send = self._conn.send
         if self.text:
             if len(payloads) == 1:
