@@ -543,12 +543,12 @@ class WebSocketTransport(Transport):
         """The wire bytes of ``payloads``: MessagePack maps packed, or JSON texts.
 
         Data frames are built by :func:`~imserver.transport.base.ws_frame` (and
-        cached on the shared ``Payload``) while the connection is open; wsproto
-        keeps no state for whole data messages, and after a close it is asked,
-        so it still refuses data as before.
+        cached on the shared ``Payload``); wsproto keeps no state for whole
+        data messages. Outside the OPEN state wsproto is asked as before, and
+        refuses (``LocalProtocolError``).
         """
         if self._conn.state is not _OPEN:
-            return self._encode_wsproto(payloads)
+            self._conn.send(Message(data=b""))  # raises LocalProtocolError
         if self.text:
             if len(payloads) == 1:
                 return payloads[0].ws_text()
@@ -569,30 +569,6 @@ class WebSocketTransport(Transport):
             batch.append(packed)
             size += n
         out.append(ws_frame(0x2, b"".join(batch)))
-        return b"".join(out)
-
-    def _encode_wsproto(self, payloads: Sequence[Payload]) -> bytes:
-        send = self._conn.send
-        if self.text:
-            if len(payloads) == 1:
-                return send(Message(data=payloads[0].json()))
-            return b"".join([send(Message(data=p.json())) for p in payloads])
-        if len(payloads) == 1:
-            return send(Message(data=payloads[0].msgpack()))
-        limit = self._max_message_bytes
-        out: list[bytes] = []
-        batch: list[bytes] = []
-        size = 0
-        for p in payloads:
-            packed = p.msgpack()
-            n = len(packed)
-            if size + n > limit and batch:
-                out.append(send(Message(data=b"".join(batch))))
-                batch = []
-                size = 0
-            batch.append(packed)
-            size += n
-        out.append(send(Message(data=b"".join(batch))))
         return b"".join(out)
 
     # -- closing -------------------------------------------------------------
