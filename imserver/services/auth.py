@@ -63,6 +63,8 @@ class AuthService:
     def _check_login_rate(self, user: str, addr: str) -> None:
         now = trio.current_time()
         host = addr.rsplit(":", 1)[0]  # per address, not per connection (addr is host:port)
+        if len(self.limiter.buckets) > 10_000:
+            self.limiter.prune(now)  # bounded: full buckets are forgotten
         for kind, key in (("login_addr", host), ("login_user", user)):
             wait = self.limiter.take(kind, key, now)
             if wait:
@@ -151,6 +153,3 @@ class AuthService:
         """Revoke the token with hash ``h``."""
         await self.storage.revoke_token(h)
 
-    def prune(self) -> None:
-        """Forget full login buckets."""
-        self.limiter.prune(trio.current_time())
