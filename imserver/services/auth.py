@@ -152,4 +152,3 @@ class AuthService:
     async def revoke(self, h: bytes) -> None:
         """Revoke the token with hash ``h``."""
         await self.storage.revoke_token(h)
-
