@@ -10,6 +10,7 @@ The test cluster runs with fsync off for speed; the server's default keeps it on
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import os
 import shutil
@@ -121,15 +122,22 @@ def config() -> Config:
     return test_config()
 
 
-@pytest.fixture
-async def server(config: Config, db_dsn: str) -> AsyncIterator[ServerInfo]:
-    """A running server on ephemeral ports, shut down gracefully after the test."""
+@contextlib.asynccontextmanager
+async def running_server(cfg: Config, dsn: str) -> AsyncIterator[ServerInfo]:
+    """An in-process server; on exit it is shut down and :func:`serve` has returned."""
     async with trio.open_nursery() as nursery:
-        info: ServerInfo = await nursery.start(serve, config, db_dsn)
+        info: ServerInfo = await nursery.start(serve, cfg, dsn)
         try:
             yield info
         finally:
             info.shutdown()
+
+
+@pytest.fixture
+async def server(config: Config, db_dsn: str) -> AsyncIterator[ServerInfo]:
+    """A running server on ephemeral ports, shut down gracefully after the test."""
+    async with running_server(config, db_dsn) as info:
+        yield info
 
 
 class Clients:
@@ -181,4 +189,4 @@ async def befriend(a: TestClient, b: TestClient) -> None:
     await a.push("friend")
 
 
-__all__ = ["Clients", "Path", "befriend", "test_config"]
+__all__ = ["Clients", "Path", "befriend", "running_server", "test_config"]

@@ -19,7 +19,7 @@ import signal
 import socket
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -28,29 +28,16 @@ import psutil
 import pytest
 import trio
 
-from imserver.app import ServerInfo, serve
-from imserver.config import Config
 from protocol.codec import encode_frame
 
 from .client import Closed, TestClient
-from .conftest import Clients, befriend, test_config
+from .conftest import Clients, befriend, running_server, test_config
 
 REPO = Path(__file__).resolve().parent.parent
 CONN_ERRORS = (Closed, trio.BrokenResourceError, trio.ClosedResourceError, OSError)
 
 
 # --------------------------------------------------------------------------- helpers
-
-
-@contextlib.asynccontextmanager
-async def running_server(cfg: Config, dsn: str) -> AsyncIterator[ServerInfo]:
-    """An in-process server; on exit it is shut down and :func:`serve` has returned."""
-    async with trio.open_nursery() as nursery:
-        info: ServerInfo = await nursery.start(serve, cfg, dsn)
-        try:
-            yield info
-        finally:
-            info.shutdown()
 
 
 async def connect(port: int, user: str, *, device: str = "default", register: bool) -> TestClient:

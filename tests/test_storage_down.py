@@ -25,7 +25,7 @@ from imserver.storage.embedded import EmbeddedPostgres, create_database, drop_da
 from protocol.codec import encode_frame
 
 from .client import TestClient
-from .conftest import test_config
+from .conftest import running_server, test_config
 from .pgcluster import start_test_cluster
 from .test_durability import (
     Pipeline,
@@ -33,7 +33,6 @@ from .test_durability import (
     close_all,
     connect,
     conv_history,
-    running_server,
     wait_until,
 )
 
