@@ -35,6 +35,9 @@ from .hub.hub import Hub
 from .services.auth import AuthService
 from .services.chat import ChatService
 from .services.friends import FriendService
+from .services.groups import GroupService
+from .services.lifecycle import LifecycleService
+from .services.notices import NoticeService
 from .session import Session
 from .state import ServerState, Stats
 from .storage.db import Storage
@@ -128,10 +131,17 @@ def _build_state(cfg: Config, storage: Storage, clock: Clock | None = None) -> S
         auth=auth,
         chat=None,  # type: ignore[arg-type]
         friends=None,  # type: ignore[arg-type]
+        groups=None,  # type: ignore[arg-type]
+        lifecycle=None,  # type: ignore[arg-type]
+        notices=None,  # type: ignore[arg-type]
         stats=Stats(),
     )
     state.chat = ChatService(state)
     state.friends = FriendService(state)
+    state.groups = GroupService(state)
+    state.lifecycle = LifecycleService(state)
+    state.notices = NoticeService(state)
+    writer.prepare = state.groups.prepare
     writer.on_commit = state.chat.on_commit
     writer.on_failure = state.chat.on_failure
     return state

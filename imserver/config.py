@@ -62,6 +62,8 @@ class LimitsSection:
     max_connections: int = _field(100_000, 1, 10_000_000)
     sync_max_convs: int = _field(500, 1, 100_000)
     unread_count_cap: int = _field(99_999, 1, 10_000_000)
+    max_notices: int = _field(200, 1, 100_000)
+    max_notice_users: int = _field(10_000, 1, 10_000_000)
 
 
 @dataclasses.dataclass
@@ -104,6 +106,12 @@ class ChatSection:
 
 
 @dataclasses.dataclass
+class GroupsSection:
+    max_members: int = _field(500, 2, 100_000)
+    cache_size: int = _field(10_000, 1, 10_000_000)
+
+
+@dataclasses.dataclass
 class DatabaseSection:
     dsn: str = _field("")
     pool_size: int = _field(8, 1, 1000)
@@ -143,6 +151,7 @@ class Config:
     auth: AuthSection = dataclasses.field(default_factory=AuthSection)
     rate: RateSection = dataclasses.field(default_factory=RateSection)
     chat: ChatSection = dataclasses.field(default_factory=ChatSection)
+    groups: GroupsSection = dataclasses.field(default_factory=GroupsSection)
     database: DatabaseSection = dataclasses.field(default_factory=DatabaseSection)
     batch: BatchSection = dataclasses.field(default_factory=BatchSection)
     hub: HubSection = dataclasses.field(default_factory=HubSection)

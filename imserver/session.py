@@ -477,6 +477,38 @@ async def _presence_query(s: Session, f: dict[str, Any]) -> dict[str, Any]:
     return await s.state.friends.presence_query(s, f)
 
 
+async def _group_change(s: Session, f: dict[str, Any]) -> None:
+    await s.state.groups.change(s, f)
+
+
+async def _group_info(s: Session, f: dict[str, Any]) -> dict[str, Any]:
+    return await s.state.groups.info(s, f)
+
+
+async def _groups(s: Session, f: dict[str, Any]) -> dict[str, Any]:
+    return await s.state.groups.list_groups(s, f)
+
+
+async def _recall(s: Session, f: dict[str, Any]) -> None:
+    await s.state.lifecycle.recall(s, f)
+
+
+async def _delete(s: Session, f: dict[str, Any]) -> dict[str, Any]:
+    return await s.state.lifecycle.delete(s, f)
+
+
+async def _conv_set(s: Session, f: dict[str, Any]) -> dict[str, Any]:
+    return await s.state.lifecycle.conv_set(s, f)
+
+
+async def _notices(s: Session, f: dict[str, Any]) -> dict[str, Any]:
+    return await s.state.notices.unread(s, f)
+
+
+async def _notice_read(s: Session, f: dict[str, Any]) -> dict[str, Any]:
+    return await s.state.notices.read(s, f)
+
+
 HANDLERS: dict[str, Handler] = {
     "ping": _ping,
     "logout": _logout,
@@ -496,14 +528,27 @@ HANDLERS: dict[str, Handler] = {
     "friend_requests": _friend_requests,
     "presence": _presence,
     "presence_query": _presence_query,
+    "group_create": _group_change,
+    "group_update": _group_change,
+    "group_dissolve": _group_change,
+    "group_add": _group_change,
+    "group_remove": _group_change,
+    "group_leave": _group_change,
+    "group_role": _group_change,
+    "group_info": _group_info,
+    "groups": _groups,
+    "recall": _recall,
+    "delete": _delete,
+    "conv_set": _conv_set,
+    "notices": _notices,
+    "notice_read": _notice_read,
 }
 
-# Operations that query PostgreSQL inline share the "requests" rate limit; send,
-# read/recv and typing have their own buckets, ping has none.
+# Operations that query PostgreSQL inline share the "requests" rate limit; send
+# (and recall, which takes from the send bucket), read/recv and typing have
+# their own buckets, ping has none.
 LIMITED_OPS = frozenset(HANDLERS) - {"ping", "send", "read", "recv", "typing", "logout"}
 
-# Operations the protocol defines but later issues implement (groups, recall,
-# delete, conv_set, notices) answer unknown_op until then.
 ALLOWED: dict[State, frozenset[str]] = {
     State.CONNECTED: AUTH_OPS,
     State.READY: frozenset(HANDLERS),

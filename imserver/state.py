@@ -17,6 +17,9 @@ if TYPE_CHECKING:
     from .services.auth import AuthService
     from .services.chat import ChatService
     from .services.friends import FriendService
+    from .services.groups import GroupService
+    from .services.lifecycle import LifecycleService
+    from .services.notices import NoticeService
     from .session import Session
 
 
@@ -48,6 +51,9 @@ class ServerState:
     auth: AuthService
     chat: ChatService
     friends: FriendService
+    groups: GroupService
+    lifecycle: LifecycleService
+    notices: NoticeService
     stats: Stats
     sessions: dict[str, Session] = dataclasses.field(default_factory=dict)
     shutting_down: trio.Event = dataclasses.field(default_factory=trio.Event)

@@ -162,15 +162,25 @@ class Hub:
         e = self.shard(user).users.get(user)
         return list(e.devices.values()) if e is not None else []
 
-    def publish(self, users: Iterable[str], payload: Payload, exclude: Conn | None = None) -> int:
+    def publish(
+        self,
+        users: Iterable[str],
+        payload: Payload,
+        exclude: Conn | None = None,
+        skip: str | None = None,
+    ) -> int:
         """Deliver ``payload`` to every online device of ``users`` but ``exclude``.
 
-        Returns the number of connections it was queued for.
+        ``skip`` names a user to leave out (the sender of a group message,
+        without building a second member list per message). Returns the
+        number of connections it was queued for.
         """
         n = 0
         shards = self.shards
         nshards = len(shards)
         for user in users:
+            if user == skip:
+                continue
             e = shards[zlib.crc32(user.encode()) % nshards].users.get(user)
             if e is None:
                 continue
@@ -188,6 +198,10 @@ class Hub:
     def all_conns(self) -> list[Conn]:
         """Every registered connection."""
         return [c for s in self.shards for e in s.users.values() for c in e.devices.values()]
+
+    def online_users(self) -> list[str]:
+        """Every online user."""
+        return [u for s in self.shards for u in s.users]
 
     def online_count(self) -> int:
         """Number of online users."""

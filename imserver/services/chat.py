@@ -1,4 +1,4 @@
-"""Direct chat: send, sync, history, read/recv cursors, typing.
+"""Chat: send, sync, history, read/recv cursors, typing; post-commit delivery.
 
 The path of one ``send`` (STYLE "the path of one send"): the session validated
 the frame; :meth:`ChatService.send` checks the rules (conversation, limits,
@@ -21,6 +21,8 @@ from ..storage.errors import StorageError, StorageUnavailable
 from ..storage.records import BatchResult, CursorUpdate, SendRow
 from ..transport.base import Payload
 from .auth import USER_RE
+from .groups import RecallRequest, group_of
+from .roster import GroupChange
 
 if TYPE_CHECKING:
     from ..session import Session
@@ -57,7 +59,7 @@ def direct_peer(conv: str, user: str) -> str:
 
 
 class ChatService:
-    """Rules and post-commit delivery of direct conversations."""
+    """Rules of direct and group chat, and post-commit delivery of every entry."""
 
     def __init__(self, state: ServerState) -> None:
         self.state = state
@@ -99,9 +101,11 @@ class ChatService:
     async def send(self, session: Session, f: dict[str, Any]) -> None:
         """Check a ``send`` and queue it; the reply comes after the commit."""
         user = session.user
-        cfg = self.state.cfg
-        if "group" in f:
-            raise OpError(ErrorCode.NOT_FOUND, "no such group")
+        gid = f.get("group")
+        if gid is None and "conv" in f:
+            gid = group_of(f["conv"])
+        if gid is not None:
+            return await self._send_group(session, f, gid)
         if "to" in f:
             peer = f["to"]
             if peer == user:
@@ -110,15 +114,7 @@ class ChatService:
         else:
             conv = f["conv"]
             peer = direct_peer(conv, user)
-        body = f.get("body") or ""
-        if (
-            len(body) * 4 > cfg.limits.max_body_bytes
-            and len(body.encode()) > cfg.limits.max_body_bytes
-        ):
-            raise OpError(ErrorCode.TOO_LARGE, f"body: over {cfg.limits.max_body_bytes} bytes")
-        meta = f.get("meta")
-        if meta is not None and len(pack(meta)) > cfg.limits.max_meta_bytes:
-            raise OpError(ErrorCode.TOO_LARGE, f"meta: over {cfg.limits.max_meta_bytes} bytes")
+        body, meta = self._check_content(f)
         if f.get("mentions"):
             raise OpError(ErrorCode.INVALID, "mentions: only in groups")
         self._rate("send", user)
@@ -156,6 +152,49 @@ class ChatService:
             session.release_inflight()
             raise OpError(ErrorCode.UNAVAILABLE, str(e)) from None
 
+    def _check_content(self, f: dict[str, Any]) -> tuple[str, dict[str, Any] | None]:
+        lim = self.state.cfg.limits
+        body = f.get("body") or ""
+        if len(body) * 4 > lim.max_body_bytes and len(body.encode()) > lim.max_body_bytes:
+            raise OpError(ErrorCode.TOO_LARGE, f"body: over {lim.max_body_bytes} bytes")
+        meta = f.get("meta")
+        if meta is not None and len(pack(meta)) > lim.max_meta_bytes:
+            raise OpError(ErrorCode.TOO_LARGE, f"meta: over {lim.max_meta_bytes} bytes")
+        return body, meta
+
+    async def _send_group(self, session: Session, f: dict[str, Any], gid: str) -> None:
+        user = session.user
+        body, meta = self._check_content(f)
+        mentions = f.get("mentions") or None
+        if mentions:
+            mentions = list(dict.fromkeys(mentions))
+        self._rate("send", user)
+        try:
+            await self.state.groups.check_send(session, gid, mentions)
+        except OpError as e:
+            first = await self.state.storage.find_sent(user, f["cid"])
+            if first is None:
+                raise
+            rid = f.get("rid")
+            if rid is not None:
+                await session.respond({"op": "ok", "rid": rid, **first})
+            log.debug("repeat_after_refusal user=%s code=%s", user, e.code)
+            return
+        row = SendRow(
+            sender=user,
+            cid=f["cid"],
+            conv=f"g:{gid}",
+            conv_kind="group",
+            kind=f.get("kind", "text"),
+            body=body,
+            meta=meta,
+            mentions=mentions,
+            reply_to=f.get("reply_to"),
+            members=(),  # the roster at commit time (GroupService.prepare)
+            ref=(session, f.get("rid")),
+        )
+        await self.state.groups.submit(session, row)
+
     # -- post-commit ---------------------------------------------------------
 
     def on_commit(self, result: BatchResult) -> None:
@@ -166,21 +205,24 @@ class ChatService:
         """
         hub = self.state.hub
         stats = self.state.stats
+        groups = self.state.groups
         for row in result.rows:
             session, rid = row.ref if row.ref is not None else (None, None)
             if session is not None:
                 session.release_inflight()
+            action = row.action
             if session is not None and rid is not None:
-                session.reply(
-                    {
-                        "op": "ok",
-                        "rid": rid,
-                        "mid": row.mid,
-                        "conv": row.conv,
-                        "seq": row.seq,
-                        "ts": row.ts,
-                    }
-                )
+                reply = {
+                    "op": "ok",
+                    "rid": rid,
+                    "mid": row.mid,
+                    "conv": row.conv,
+                    "seq": row.seq,
+                    "ts": row.ts,
+                }
+                if isinstance(action, GroupChange):
+                    reply.update(groups.reply_fields(row))
+                session.reply(reply)
             if row.repeat:
                 continue
             stats.messages_accepted += 1
@@ -200,15 +242,19 @@ class ChatService:
                 msg["mentions"] = row.mentions
             if row.reply_to is not None:
                 msg["reply_to"] = row.reply_to
-            others = [m for m in row.members if m != row.sender]
-            n = hub.publish(others, Payload(msg))
-            if row.cid is not None:
-                entry = hub.entry(row.sender)
-                if entry is not None and (len(entry.devices) > 1 or session is None):
-                    own = dict(msg)
-                    own["cid"] = row.cid
-                    n += hub.publish((row.sender,), Payload(own), exclude=session)
+            # One Payload for every other member: encoded once per encoding.
+            payload = Payload(msg)
+            n = hub.publish(row.members, payload, skip=row.sender)
+            entry = hub.entry(row.sender)
+            if entry is not None and (len(entry.devices) > 1 or session is None):
+                if row.cid is not None:
+                    payload = Payload({**msg, "cid": row.cid})
+                n += hub.publish((row.sender,), payload, exclude=session)
             stats.messages_delivered += n
+            if isinstance(action, GroupChange):
+                groups.committed(row)
+            elif isinstance(action, RecallRequest):
+                self.state.lifecycle.committed(row)
         for cur in result.cursors:
             self._cursor_committed(cur)
 
@@ -221,16 +267,19 @@ class ChatService:
         if not cur.changed:
             return
         origin = cur.refs[-1][0] if cur.refs else None
-        try:
-            peer = direct_peer(cur.conv, cur.user)
-        except OpError:
-            return
         if cur.field == "read":
             hub.publish(
                 (cur.user,),
                 Payload({"op": "read", "conv": cur.conv, "seq": cur.seq}),
                 exclude=origin,
             )
+        if not cur.conv.startswith("d:"):
+            return  # receipts are for direct conversations only (PROTOCOL §7)
+        try:
+            peer = direct_peer(cur.conv, cur.user)
+        except OpError:
+            return
+        if cur.field == "read":
             receipt = {"op": "receipt", "conv": cur.conv, "user": cur.user, "read": cur.seq}
         else:
             receipt = {"op": "receipt", "conv": cur.conv, "user": cur.user, "delivered": cur.seq}
@@ -264,16 +313,39 @@ class ChatService:
     async def history(self, session: Session, f: dict[str, Any]) -> dict[str, Any]:
         """A page of one conversation (PROTOCOL §6)."""
         conv = f["conv"]
-        direct_peer(conv, session.user)
-        msgs, more = await self.state.storage.history(
-            session.user, conv, f.get("after_seq"), f.get("before_seq"), f.get("limit", 50)
+        gid = group_of(conv)
+        if gid is None:
+            direct_peer(conv, session.user)
+        got = await self.state.storage.history(
+            session.user,
+            conv,
+            f.get("after_seq"),
+            f.get("before_seq"),
+            f.get("limit", 50),
+            member_only=gid is not None,
         )
+        if got is None:
+            assert gid is not None
+            if await self.state.groups.roster(gid) is None:
+                raise OpError(ErrorCode.NOT_FOUND, "no such group")
+            raise OpError(ErrorCode.FORBIDDEN, "not a member of this group")
+        msgs, more = got
         return {"msgs": msgs, "more": more}
 
     async def cursor(self, session: Session, f: dict[str, Any], field: str) -> None:
         """``read`` or ``recv``: queue the cursor; the reply comes after the commit."""
         conv = f["conv"]
-        direct_peer(conv, session.user)
+        gid = group_of(conv)
+        if gid is None:
+            direct_peer(conv, session.user)
+        else:
+            cached = self.state.groups.cache.get(gid)
+            # A former member may still move their cursor: the commit updates
+            # only the user's own row, clamped to the entry that removed them.
+            if (cached is None or session.user not in cached.members) and (
+                await self.state.groups.roster(gid) is None
+            ):
+                raise OpError(ErrorCode.NOT_FOUND, "no such group")
         self._rate("receipts", session.user)
         await session.acquire_inflight()
         try:
@@ -287,7 +359,14 @@ class ChatService:
     async def typing(self, session: Session, f: dict[str, Any]) -> None:
         """Relay a typing notice to the peer's devices (not stored)."""
         if "group" in f:
-            raise OpError(ErrorCode.NOT_FOUND, "no such group")
+            self._rate("typing", session.user)
+            r = await self.state.groups.check_send(session, f["group"], None)
+            self.state.hub.publish(
+                r.member_tuple(),
+                Payload({"op": "typing", "conv": r.conv, "user": session.user, "on": f["on"]}),
+                skip=session.user,
+            )
+            return
         peer = f["to"]
         if peer == session.user:
             raise OpError(ErrorCode.INVALID, "to: cannot type to yourself")

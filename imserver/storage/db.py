@@ -28,7 +28,7 @@ import trio
 
 from .bridge import AsyncioThread
 from .errors import StorageConflict, StorageError, StorageUnavailable
-from .records import BatchResult, CursorUpdate, Relations, SendRow
+from .records import BatchResult, CursorUpdate, GroupEffect, RecallEffect, Relations, SendRow
 
 log = logging.getLogger("imserver.storage")
 T = TypeVar("T")
@@ -281,10 +281,75 @@ class Storage:
         return await self._acquire_run(_q_sync, user, max_convs, unread_cap)
 
     async def history(
-        self, viewer: str, conv: str, after: int | None, before: int | None, limit: int
-    ) -> tuple[list[dict[str, Any]], bool]:
-        """Messages of ``conv`` in ascending seq, and whether more exist that way."""
-        return await self._acquire_run(_q_history, viewer, conv, after, before, limit)
+        self,
+        viewer: str,
+        conv: str,
+        after: int | None,
+        before: int | None,
+        limit: int,
+        *,
+        member_only: bool = False,
+    ) -> tuple[list[dict[str, Any]], bool] | None:
+        """Messages of ``conv`` in ascending seq, and whether more exist that way.
+
+        Messages ``viewer`` deleted are left out. With ``member_only`` (group
+        conversations) the viewer must have a row for ``conv``: None if not,
+        and a former member sees nothing past the entry that removed them.
+        """
+        return await self._acquire_run(_q_history, viewer, conv, after, before, limit, member_only)
+
+    async def existing_users(self, names: list[str]) -> set[str]:
+        """Those of ``names`` that are registered users."""
+        return await self._acquire_run(_q_existing_users, names)
+
+    # -- groups and message state ---------------------------------------------
+
+    async def next_gid(self) -> str:
+        """A new, never used group id."""
+        return await self._acquire_run(_q_next_gid)
+
+    async def load_group(
+        self, gid: str
+    ) -> tuple[dict[str, Any], list[tuple[str, str, int]]] | None:
+        """A group's row and its members as (user, role, joined_seq), or None."""
+        return await self._acquire_run(_q_load_group, gid)
+
+    async def groups_of(self, user: str) -> list[dict[str, Any]]:
+        """The groups ``user`` is a member of, with their role and member count."""
+        return await self._acquire_run(_q_groups_of, user)
+
+    async def message_states(self, mids: list[int]) -> dict[int, dict[str, Any]]:
+        """mid -> conv, seq, sender, kind, ts, recalled of the stored ones among ``mids``."""
+        return await self._acquire_run(_q_message_states, mids)
+
+    async def hide_message(self, user: str, mid: int) -> dict[str, Any] | None:
+        """Hide ``mid`` for ``user`` (idempotent); its conv and seq, or None if
+        no such message is visible to the user."""
+        return await self._acquire_run(_q_hide_message, user, mid)
+
+    async def conv_set(
+        self, user: str, conv: str, pinned: bool | None, muted: bool | None
+    ) -> dict[str, Any] | None:
+        """Set pinned/muted of ``user``'s conversation; the new values, or None
+        if the user has no such conversation."""
+        return await self._acquire_run(_q_conv_set, user, conv, pinned, muted)
+
+    # -- notices -------------------------------------------------------------
+
+    async def create_notice(
+        self, kind: str, title: str, body: str, users: list[str] | None, now_ms: int
+    ) -> int | list[str]:
+        """Store a notice for ``users`` (None: every user); its id, or the
+        unknown users among ``users`` (then nothing is stored)."""
+        return await self._acquire_run(_q_create_notice, kind, title, body, users, now_ms)
+
+    async def unread_notices(self, user: str, limit: int) -> list[dict[str, Any]]:
+        """Notices of ``user`` not read yet, newest first."""
+        return await self._acquire_run(_q_unread_notices, user, limit)
+
+    async def read_notice(self, user: str, notice_id: int, now_ms: int) -> bool:
+        """Mark a notice read (idempotent); False if ``user`` has no such notice."""
+        return await self._acquire_run(_q_read_notice, user, notice_id, now_ms)
 
     # -- the batch commit ----------------------------------------------------
 
@@ -336,9 +401,10 @@ class Storage:
         if conn is None:
             conn = self._writer_conn = await self._pool.acquire(timeout=self.connect_timeout)
         try:
-            if cursors:
+            if cursors or any(r.effect is not None or r.mentions for r in rows):
                 async with conn.transaction():
                     new_last = await _q_insert_rows(conn, rows, seqcache.last, ts)
+                    await _q_apply_effects(conn, rows)
                     await _q_apply_cursors(conn, cursors)
             else:
                 # One autocommit statement in the common case (see _INSERT_BATCH).
@@ -563,25 +629,43 @@ async def _q_friend_requests(conn: asyncpg.Connection, user: str) -> list[dict[s
     return out
 
 
+_NOT_HIDDEN = (
+    "NOT EXISTS (SELECT 1 FROM hidden_messages h WHERE h.user_name = $1 AND h.mid = {m}.mid)"
+)
+
+
 async def _q_sync(
     conn: asyncpg.Connection, user: str, max_convs: int, unread_cap: int
 ) -> list[dict[str, Any]]:
+    # cap: a former group member sees nothing past the entry that removed them.
     rows = await conn.fetch(
         f"""
-        SELECT uc.conv AS conv_id, c.kind AS conv_kind, c.last_seq, uc.read_seq, uc.pinned,
-               uc.muted,
+        SELECT s.*,
                (SELECT count(*) FROM (
                     SELECT 1 FROM messages x
-                    WHERE x.conv = uc.conv AND x.seq > uc.read_seq AND x.sender <> $1
-                      AND x.kind NOT IN ('system', 'recall') AND NOT x.recalled
+                    WHERE x.conv = s.conv_id AND x.seq > s.read_seq AND x.seq <= s.cap
+                      AND x.sender <> $1 AND x.kind NOT IN ('system', 'recall')
+                      AND NOT x.recalled AND {_NOT_HIDDEN.format(m="x")}
                     LIMIT $3) u) AS unread,
                {", ".join("m." + c for c in MSG_COLUMNS.split(", "))}
-        FROM user_convs uc
-        JOIN conversations c ON c.conv = uc.conv
-        LEFT JOIN messages m ON m.conv = c.conv AND m.seq = c.last_seq
-        WHERE uc.user_name = $1 AND c.last_seq > 0
-        ORDER BY uc.pinned DESC, c.last_ts DESC, uc.conv
-        LIMIT $2
+        FROM (
+            SELECT uc.conv AS conv_id, c.kind AS conv_kind,
+                   LEAST(c.last_seq, COALESCE(uc.left_seq, c.last_seq)) AS cap,
+                   uc.read_seq, uc.pinned, uc.muted, uc.mention_seq, uc.left_seq,
+                   c.last_ts, g.name AS group_name
+            FROM user_convs uc
+            JOIN conversations c ON c.conv = uc.conv
+            LEFT JOIN groups g ON c.kind = 'group' AND g.gid = substr(uc.conv, 3)
+            WHERE uc.user_name = $1 AND c.last_seq > 0
+            ORDER BY uc.pinned DESC, c.last_ts DESC, uc.conv
+            LIMIT $2
+        ) s
+        LEFT JOIN LATERAL (
+            SELECT * FROM messages y
+            WHERE y.conv = s.conv_id AND y.seq <= s.cap AND {_NOT_HIDDEN.format(m="y")}
+            ORDER BY y.seq DESC LIMIT 1
+        ) m ON true
+        ORDER BY s.pinned DESC, s.last_ts DESC, s.conv_id
         """,
         user,
         max_convs,
@@ -591,19 +675,22 @@ async def _q_sync(
     for r in rows:
         conv = r["conv_id"]
         kind = r["conv_kind"]
-        out.append(
-            {
-                "conv": conv,
-                "kind": kind,
-                "title": conv_title(conv, kind, user),
-                "last_seq": r["last_seq"],
-                "last_msg": msg_to_frame(r, user) if r["mid"] is not None else None,
-                "read_seq": r["read_seq"],
-                "unread": r["unread"],
-                "pinned": r["pinned"],
-                "muted": r["muted"],
-            }
-        )
+        entry: dict[str, Any] = {
+            "conv": conv,
+            "kind": kind,
+            "title": r["group_name"] if kind == "group" else conv_title(conv, kind, user),
+            "last_seq": r["cap"],
+            "last_msg": msg_to_frame(r, user) if r["mid"] is not None else None,
+            "read_seq": r["read_seq"],
+            "unread": r["unread"],
+            "pinned": r["pinned"],
+            "muted": r["muted"],
+        }
+        if kind == "group":
+            entry["mentioned"] = r["mention_seq"] > r["read_seq"]
+            if r["left_seq"] is not None:
+                entry["left"] = True
+        out.append(entry)
     return out
 
 
@@ -622,30 +709,212 @@ async def _q_history(
     after: int | None,
     before: int | None,
     limit: int,
-) -> tuple[list[dict[str, Any]], bool]:
+    member_only: bool,
+) -> tuple[list[dict[str, Any]], bool] | None:
+    cap = 2**62
+    if member_only:
+        row = await conn.fetchrow(
+            "SELECT left_seq FROM user_convs WHERE user_name = $1 AND conv = $2", viewer, conv
+        )
+        if row is None:
+            return None
+        if row["left_seq"] is not None:
+            cap = row["left_seq"]
+    visible = f"conv = $2 AND seq <= $5 AND {_NOT_HIDDEN.format(m='messages')}"
     if after is not None:
         rows = await conn.fetch(
-            f"SELECT {MSG_COLUMNS} FROM messages WHERE conv = $1 AND seq > $2 "
-            "ORDER BY seq LIMIT $3",
+            f"SELECT {MSG_COLUMNS} FROM messages WHERE {visible} AND seq > $3 "
+            "ORDER BY seq LIMIT $4",
+            viewer,
             conv,
             after,
             limit + 1,
+            cap,
         )
         more = len(rows) > limit
         rows = rows[:limit]
     else:
         bound = before if before is not None else 2**62
         rows = await conn.fetch(
-            f"SELECT {MSG_COLUMNS} FROM messages WHERE conv = $1 AND seq < $2 "
-            "ORDER BY seq DESC LIMIT $3",
+            f"SELECT {MSG_COLUMNS} FROM messages WHERE {visible} AND seq < $3 "
+            "ORDER BY seq DESC LIMIT $4",
+            viewer,
             conv,
             bound,
             limit + 1,
+            cap,
         )
         more = len(rows) > limit
         rows = rows[:limit]
         rows.reverse()
     return [msg_to_frame(r, viewer) for r in rows], more
+
+
+async def _q_existing_users(conn: asyncpg.Connection, names: list[str]) -> set[str]:
+    rows = await conn.fetch("SELECT name FROM users WHERE name = ANY($1::text[])", names)
+    return {r[0] for r in rows}
+
+
+async def _q_next_gid(conn: asyncpg.Connection) -> str:
+    return str(await conn.fetchval("SELECT nextval('group_ids')"))
+
+
+async def _q_load_group(
+    conn: asyncpg.Connection, gid: str
+) -> tuple[dict[str, Any], list[tuple[str, str, int]]] | None:
+    row = await conn.fetchrow(
+        "SELECT gid, name, avatar, owner, dissolved, created_ms FROM groups WHERE gid = $1", gid
+    )
+    if row is None:
+        return None
+    members = await conn.fetch(
+        "SELECT user_name, role, joined_seq FROM group_members WHERE gid = $1", gid
+    )
+    return dict(row), [(m[0], m[1], m[2]) for m in members]
+
+
+async def _q_groups_of(conn: asyncpg.Connection, user: str) -> list[dict[str, Any]]:
+    rows = await conn.fetch(
+        "SELECT g.gid, g.name, g.avatar, g.owner, g.dissolved, m.role, "
+        "(SELECT count(*) FROM group_members x WHERE x.gid = g.gid) AS n "
+        "FROM group_members m JOIN groups g ON g.gid = m.gid "
+        "WHERE m.user_name = $1 ORDER BY g.created_ms, g.gid",
+        user,
+    )
+    return [
+        {
+            "group": r["gid"],
+            "conv": f"g:{r['gid']}",
+            "name": r["name"],
+            "avatar": r["avatar"],
+            "owner": r["owner"],
+            "role": r["role"],
+            "members": r["n"],
+            "dissolved": r["dissolved"],
+        }
+        for r in rows
+    ]
+
+
+async def _q_message_states(conn: asyncpg.Connection, mids: list[int]) -> dict[int, dict[str, Any]]:
+    rows = await conn.fetch(
+        "SELECT mid, conv, seq, sender, kind, ts, recalled FROM messages "
+        "WHERE mid = ANY($1::bigint[])",
+        mids,
+    )
+    return {r["mid"]: dict(r) for r in rows}
+
+
+async def _q_hide_message(conn: asyncpg.Connection, user: str, mid: int) -> dict[str, Any] | None:
+    # Visible: the user has the conversation, and (a former group member)
+    # the message is not past the entry that removed them.
+    row = await conn.fetchrow(
+        "SELECT m.conv, m.seq FROM messages m "
+        "JOIN user_convs uc ON uc.user_name = $1 AND uc.conv = m.conv "
+        "WHERE m.mid = $2 AND (uc.left_seq IS NULL OR m.seq <= uc.left_seq)",
+        user,
+        mid,
+    )
+    if row is None:
+        return None
+    await conn.execute(
+        "INSERT INTO hidden_messages (user_name, mid) VALUES ($1, $2) ON CONFLICT DO NOTHING",
+        user,
+        mid,
+    )
+    return dict(row)
+
+
+async def _q_conv_set(
+    conn: asyncpg.Connection, user: str, conv: str, pinned: bool | None, muted: bool | None
+) -> dict[str, Any] | None:
+    row = await conn.fetchrow(
+        "UPDATE user_convs SET pinned = COALESCE($3, pinned), muted = COALESCE($4, muted) "
+        "WHERE user_name = $1 AND conv = $2 RETURNING pinned, muted",
+        user,
+        conv,
+        pinned,
+        muted,
+    )
+    return None if row is None else dict(row)
+
+
+async def _q_create_notice(
+    conn: asyncpg.Connection,
+    kind: str,
+    title: str,
+    body: str,
+    users: list[str] | None,
+    now: int,
+) -> int | list[str]:
+    async with conn.transaction():
+        if users is not None:
+            known = await _q_existing_users(conn, users)
+            unknown = [u for u in users if u not in known]
+            if unknown:
+                return unknown
+        nid: int = await conn.fetchval(
+            "INSERT INTO notices (kind, title, body, created_ms, to_all) "
+            "VALUES ($1, $2, $3, $4, $5) RETURNING id",
+            kind,
+            title,
+            body,
+            now,
+            users is None,
+        )
+        if users is not None:
+            await conn.execute(
+                "INSERT INTO notice_recipients (user_name, notice_id) "
+                "SELECT DISTINCT u, $2 FROM unnest($1::text[]) AS u",
+                users,
+                nid,
+            )
+    return nid
+
+
+_USER_NOTICES = """
+    SELECT n.id, n.kind, n.title, n.body, n.created_ms FROM notices n
+    WHERE (
+        (n.to_all AND n.created_ms >= (SELECT created_ms FROM users WHERE name = $1))
+        OR EXISTS (SELECT 1 FROM notice_recipients r
+                   WHERE r.user_name = $1 AND r.notice_id = n.id)
+    )
+"""
+
+
+async def _q_unread_notices(
+    conn: asyncpg.Connection, user: str, limit: int
+) -> list[dict[str, Any]]:
+    rows = await conn.fetch(
+        _USER_NOTICES + " AND NOT EXISTS (SELECT 1 FROM notice_reads d WHERE d.user_name = $1 "
+        "AND d.notice_id = n.id) ORDER BY n.id DESC LIMIT $2",
+        user,
+        limit,
+    )
+    return [
+        {
+            "id": r["id"],
+            "kind": r["kind"],
+            "title": r["title"],
+            "body": r["body"],
+            "ts": r["created_ms"],
+        }
+        for r in rows
+    ]
+
+
+async def _q_read_notice(conn: asyncpg.Connection, user: str, nid: int, now: int) -> bool:
+    found = await conn.fetchval(_USER_NOTICES + " AND n.id = $2", user, nid)
+    if found is None:
+        return False
+    await conn.execute(
+        "INSERT INTO notice_reads (user_name, notice_id, read_ms) VALUES ($1, $2, $3) "
+        "ON CONFLICT DO NOTHING",
+        user,
+        nid,
+        now,
+    )
+    return True
 
 
 # One statement, one round trip, atomic on its own: insert the batch unless a
@@ -797,6 +1066,83 @@ async def _q_insert_fresh(
     return {(m["conv"], m["seq"]): m["mid"] for m in recs}
 
 
+async def _q_apply_effects(conn: asyncpg.Connection, rows: list[SendRow]) -> None:
+    """Apply the group changes, recalls and mentions of a batch's inserted rows."""
+    mentions: dict[tuple[str, str], int] = {}
+    for r in rows:
+        if r.repeat:
+            continue
+        e = r.effect
+        if isinstance(e, GroupEffect):
+            await _q_group_effect(conn, e, r.conv, r.seq)
+        elif isinstance(e, RecallEffect):
+            await conn.execute(
+                "UPDATE messages SET body = NULL, meta = NULL, recalled = true WHERE mid = $1",
+                e.mid,
+            )
+        if r.mentions and r.conv_kind == "group":
+            for u in r.mentions:
+                mentions[(u, r.conv)] = r.seq
+    if mentions:
+        await conn.execute(
+            "UPDATE user_convs uc SET mention_seq = GREATEST(uc.mention_seq, v.s) "
+            "FROM unnest($1::text[], $2::text[], $3::bigint[]) AS v(u, c, s) "
+            "WHERE uc.user_name = v.u AND uc.conv = v.c",
+            [k[0] for k in mentions],
+            [k[1] for k in mentions],
+            list(mentions.values()),
+        )
+
+
+async def _q_group_effect(conn: asyncpg.Connection, e: GroupEffect, conv: str, seq: int) -> None:
+    await conn.execute(
+        "INSERT INTO groups (gid, name, avatar, owner, dissolved, created_ms) "
+        "VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (gid) DO UPDATE SET "
+        "name = EXCLUDED.name, avatar = EXCLUDED.avatar, owner = EXCLUDED.owner, "
+        "dissolved = EXCLUDED.dissolved",
+        e.gid,
+        e.name,
+        e.avatar,
+        e.owner,
+        e.dissolved,
+        e.created_ms,
+    )
+    if e.removed:
+        await conn.execute(
+            "DELETE FROM group_members WHERE gid = $1 AND user_name = ANY($2::text[])",
+            e.gid,
+            e.removed,
+        )
+        await conn.execute(
+            "UPDATE user_convs SET left_seq = $3 WHERE conv = $1 AND user_name = ANY($2::text[])",
+            conv,
+            e.removed,
+            seq,
+        )
+    if e.upsert:
+        await conn.execute(
+            "INSERT INTO group_members (gid, user_name, role, joined_seq) "
+            "SELECT $1, v.u, v.r, v.j FROM unnest($2::text[], $3::text[], $4::bigint[]) "
+            "AS v(u, r, j) ON CONFLICT (gid, user_name) DO UPDATE SET role = EXCLUDED.role",
+            e.gid,
+            [m[0] for m in e.upsert],
+            [m[1] for m in e.upsert],
+            [m[2] for m in e.upsert],
+        )
+    if e.added:
+        # Unread starts at the entry that added them; a returning member's row reopens.
+        await conn.execute(
+            "INSERT INTO user_convs (user_name, conv, read_seq, delivered_seq) "
+            "SELECT u, $2, $3, $3 FROM unnest($1::text[]) AS u "
+            "ON CONFLICT (user_name, conv) DO UPDATE SET left_seq = NULL, "
+            "read_seq = GREATEST(user_convs.read_seq, EXCLUDED.read_seq), "
+            "delivered_seq = GREATEST(user_convs.delivered_seq, EXCLUDED.delivered_seq)",
+            e.added,
+            conv,
+            seq - 1,
+        )
+
+
 async def _q_apply_cursors(conn: asyncpg.Connection, cursors: list[CursorUpdate]) -> None:
     for field in ("read", "delivered"):
         group = [c for c in cursors if c.field == field]
@@ -804,10 +1150,11 @@ async def _q_apply_cursors(conn: asyncpg.Connection, cursors: list[CursorUpdate]
             continue
         col = "read_seq" if field == "read" else "delivered_seq"
         changed = await conn.fetch(
-            f"UPDATE user_convs uc SET {col} = LEAST(v.s, c.last_seq) "
+            f"UPDATE user_convs uc SET {col} = LEAST(v.s, c.last_seq, uc.left_seq) "
             "FROM unnest($1::text[], $2::text[], $3::bigint[]) AS v(u, cv, s) "
             "JOIN conversations c ON c.conv = v.cv "
-            f"WHERE uc.user_name = v.u AND uc.conv = v.cv AND LEAST(v.s, c.last_seq) > uc.{col} "
+            "WHERE uc.user_name = v.u AND uc.conv = v.cv "
+            f"AND LEAST(v.s, c.last_seq, uc.left_seq) > uc.{col} "
             f"RETURNING uc.user_name, uc.conv, uc.{col} AS s",
             [c.user for c in group],
             [c.conv for c in group],

@@ -21,11 +21,41 @@ class SendRow:
     reply_to: int | None
     members: tuple[str, ...]
     ref: Any = None
+    # Set by the services for entries the server makes (group changes,
+    # recalls): ``action`` is the service's own request, ``effect`` what the
+    # commit applies in the same transaction, after the insert.
+    action: Any = None
+    effect: GroupEffect | RecallEffect | None = None
     # Filled by the commit:
     mid: int = 0
     seq: int = 0
     ts: int = 0
     repeat: bool = False
+
+
+@dataclasses.dataclass(slots=True)
+class GroupEffect:
+    """A group change to store with its system entry (the roster after it)."""
+
+    gid: str
+    name: str
+    avatar: str
+    owner: str
+    dissolved: bool
+    created_ms: int
+    #: (user, role, joined_seq) of members added or whose role changed.
+    upsert: list[tuple[str, str, int]]
+    #: Users who joined: their user_convs row is (re)opened at this entry.
+    added: list[str]
+    #: Users who left or were removed at this entry.
+    removed: list[str]
+
+
+@dataclasses.dataclass(slots=True)
+class RecallEffect:
+    """Erase the body and meta of message ``mid`` and mark it recalled."""
+
+    mid: int
 
 
 @dataclasses.dataclass(slots=True)

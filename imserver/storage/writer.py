@@ -13,6 +13,9 @@ fill, and commits it in one transaction (one bridge hop). While a batch is
 committing, the next one collects. Cursor updates are coalesced per
 (user, conv, field): the highest seq wins.
 
+Before the commit, ``prepare(rows)`` (when set) checks the batch's rows in
+order against the state the previous batches committed (group membership,
+recalls) and returns those to commit; it answers the refused ones itself.
 After the commit, ``on_commit(result)`` is called *synchronously*, with no
 checkpoint between batches, so replies and pushes leave in commit (= seq)
 order. If the commit fails, ``on_failure(rows, cursors)`` answers every item
@@ -27,7 +30,7 @@ Shutdown: :meth:`close` stops accepting; :meth:`run` flushes what is queued
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import trio
@@ -54,7 +57,9 @@ class BatchWriter:
         on_commit: Callable[[BatchResult], None] | None = None,
         on_failure: Callable[[list[SendRow], list[CursorUpdate], Exception], None] | None = None,
         now_ms: Callable[[], int] | None = None,
+        prepare: Callable[[list[SendRow]], Awaitable[list[SendRow]]] | None = None,
     ) -> None:
+        self.prepare = prepare
         self.now_ms = now_ms
         self.storage = storage
         self.max_rows = max_rows
@@ -171,6 +176,10 @@ class BatchWriter:
         # bounded by commit_timeout on the asyncio side (on the real clock).
         with trio.CancelScope(shield=True):
             try:
+                if rows and self.prepare is not None:
+                    rows = await self.prepare(rows)
+                    if not rows and not cursors:
+                        return
                 now = self.now_ms() if self.now_ms is not None else None
                 result = await self.storage.commit_batch(
                     rows, cursors, now, timeout=self.commit_timeout
