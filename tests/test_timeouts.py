@@ -196,3 +196,30 @@ async def test_login_rate_limit(
 
 
 __all__ = ["befriend"]
+
+
+async def test_recall_window(
+    frozen_server: ServerInfo, frozen_clock: trio.testing.MockClock
+) -> None:
+    """Recall is measured by the server clock against the message's ts (issue 3, acceptance 4)."""
+    alice = await _user(frozen_server, "alice")
+    bob = await _user(frozen_server, "bob")
+
+    async def wait(seconds: float) -> None:
+        # Step in less than the heartbeat timeout, pinging, so no one is kicked.
+        for _ in range(3):
+            frozen_clock.jump(seconds / 3)
+            for c in (alice, bob):
+                await c.ok("ping")
+
+    early = await alice.ok("send", to="bob", cid="early", body="x")
+    await wait(60)
+    late = await alice.ok("send", to="bob", cid="late", body="y")
+    assert late["ts"] - early["ts"] == 60_000
+    await wait(60.5)  # early is 120.5 s old, late 60.5 s
+    r = await alice.request("recall", mid=early["mid"])
+    assert r["code"] == "forbidden" and "window" in r["message"]
+    await alice.ok("recall", mid=late["mid"])
+    hist = await bob.ok("history", conv=early["conv"])
+    assert [m.get("recalled", False) for m in hist["msgs"][:2]] == [False, True]
+    assert hist["msgs"][0]["body"] == "x"

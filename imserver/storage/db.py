@@ -865,7 +865,7 @@ async def _q_create_notice(
         if users is not None:
             await conn.execute(
                 "INSERT INTO notice_recipients (user_name, notice_id) "
-                "SELECT DISTINCT u, $2 FROM unnest($1::text[]) AS u",
+                "SELECT DISTINCT u, $2::bigint FROM unnest($1::text[]) AS u",
                 users,
                 nid,
             )
