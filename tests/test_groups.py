@@ -7,7 +7,9 @@ from typing import Any
 import pytest
 import trio
 
+from imserver.app import ServerInfo
 from imserver.config import Config
+from imserver.storage.errors import StorageUnavailable
 
 from .client import TestClient
 from .conftest import Clients, test_config
@@ -405,3 +407,37 @@ async def test_full_group_of_500_mixed_transports(clients: Clients, config: Conf
             for c in members:
                 nursery.start_soon(collect, c)
         assert (await extra.request("history", conv=conv))["code"] == "forbidden"
+
+
+async def test_change_with_unknown_outcome_reloads_roster(
+    server: ServerInfo, clients: Clients
+) -> None:
+    """A commit that lands but reports failure (a timeout after COMMIT) must not
+    leave the roster cache behind PostgreSQL."""
+    with trio.fail_after(30):
+        alice = await clients.user("alice")
+        bob = await clients.user("bob")
+        gid = await _group(alice, bob)
+        await bob.ok("send", group=gid, cid="b0", body="still in")
+        storage = server.state.storage
+        real = storage.commit_batch
+        failed = []
+
+        async def commit_then_fail(*args: Any, **kwargs: Any) -> Any:
+            result = await real(*args, **kwargs)
+            if not failed:
+                failed.append(True)
+                raise StorageUnavailable("commit timed out (injected)")
+            return result
+
+        storage.commit_batch = commit_then_fail  # type: ignore[method-assign]
+        try:
+            err = await alice.request("group_remove", group=gid, users=["bob"])
+        finally:
+            storage.commit_batch = real  # type: ignore[method-assign]
+        assert err["code"] == "unavailable"
+        # PostgreSQL has the removal; the server must act on it.
+        err = await bob.request("send", group=gid, cid="b1", body="after removal")
+        assert err["code"] == "forbidden"
+        info = await alice.ok("group_info", group=gid)
+        assert [m["user"] for m in info["members"]] == ["alice"]

@@ -290,6 +290,11 @@ class ChatService:
     ) -> None:
         """Answer every item of a failed batch ``unavailable`` (nothing was accepted)."""
         err = OpError(ErrorCode.UNAVAILABLE, "storage unavailable, retry later")
+        # The outcome may be unknown (a commit that timed out may still have
+        # landed): reload the rosters the batch changed from PostgreSQL.
+        self.state.groups.forget(
+            row.conv[2:] for row in rows if isinstance(row.action, GroupChange)
+        )
         for row in rows:
             if row.ref is not None:
                 session, rid = row.ref

@@ -32,6 +32,7 @@ from __future__ import annotations
 import itertools
 import logging
 from collections import OrderedDict
+from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
 from protocol.errors import ErrorCode, OpError
@@ -86,6 +87,11 @@ class GroupService:
         self.cache.move_to_end(r.gid)
         while len(self.cache) > self.cache_size:
             self.cache.popitem(last=False)
+
+    def forget(self, gids: Iterable[str]) -> None:
+        """Drop rosters from the cache (reloaded from PostgreSQL on next use)."""
+        for gid in gids:
+            self.cache.pop(gid, None)
 
     async def _load(self, gid: str) -> Roster | None:
         got = await self.state.storage.load_group(gid)
