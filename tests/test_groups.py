@@ -13,6 +13,7 @@ from imserver.storage.errors import StorageUnavailable
 
 from .client import TestClient
 from .conftest import Clients, test_config
+from .test_bad_input import raw_tcp_client
 
 
 async def _group(owner: TestClient, *members: TestClient, name: str = "team") -> str:
@@ -441,3 +442,40 @@ async def test_change_with_unknown_outcome_reloads_roster(
         assert err["code"] == "forbidden"
         info = await alice.ok("group_info", group=gid)
         assert [m["user"] for m in info["members"]] == ["alice"]
+
+
+@pytest.mark.parametrize(
+    "config", [test_config(limits={"outbound_queue": 16}, rate={"send_burst": 10000})]
+)
+async def test_slow_member_is_kicked_without_delaying_the_others(
+    server: ServerInfo, clients: Clients, config: Config
+) -> None:
+    with trio.fail_after(60):
+        assert server.tcp_port is not None
+        slow = await raw_tcp_client(server.tcp_port, 4096)
+        clients.opened.append(slow)
+        await slow.login("slow")
+        sender = await clients.user("sender")
+        fast = await clients.user("fast", "ws")
+        gid = await _group(sender, fast)
+        await sender.ok("group_add", group=gid, users=["slow"])
+        await slow.ok("ping")
+        # From here on, slow never reads its socket.
+        body = "x" * 8000
+        acked = []
+        for i in range(400):
+            if not server.state.hub.devices("slow") and len(acked) > 20:
+                break
+            t = trio.current_time()
+            acked.append((await sender.ok("send", group=gid, cid=f"m{i}", body=body))["seq"])
+            assert trio.current_time() - t < 3.0
+        assert server.state.hub.devices("slow") == [], "the slow member was never kicked"
+        assert server.state.stats.kicks.get("slow_consumer", 0) == 1
+        # The fast member got every message, in order, and stays connected.
+        got = []
+        while len(got) < len(acked):
+            m = await fast.push("msg")
+            if m["kind"] != "system":
+                got.append(m["seq"])
+        assert got == acked
+        assert server.state.hub.devices("fast") != []
