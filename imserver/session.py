@@ -49,7 +49,7 @@ from protocol.errors import (
 from .hub.hub import next_conn_id
 from .storage.errors import StorageError, StorageUnavailable
 from .storage.records import Relations
-from .transport.base import Payload, Transport, TransportClosed
+from .transport.base import FLUSH, Payload, Transport, TransportClosed
 
 if TYPE_CHECKING:
     from .state import ServerState
@@ -100,6 +100,8 @@ class Session:
         self._writer_done = trio.Event()
         self._scope: trio.CancelScope | None = None
         self._writing = False
+        self._queued = 0  # payloads in the outbound channel (or handed to the writer)
+        self._direct = False  # may deliver() write to the socket itself?
         self._attached = False
 
     def __repr__(self) -> str:
@@ -109,9 +111,23 @@ class Session:
     # -- called by the hub and services (never await) --------------------------
 
     def deliver(self, payload: Payload) -> None:
-        """Queue a push; a full queue kicks this connection (slow_consumer)."""
+        """Send or queue a push; a full queue kicks this connection (slow_consumer).
+
+        When nothing is queued and the writer is not writing, the push is
+        written to the socket at once if the kernel takes it without blocking
+        (:meth:`Transport.send_nowait`): no task switch and no queue for the
+        common case of an idle connection in a fan-out. Order is kept: the
+        direct path is taken only when no earlier frame is still on its way.
+        """
+        if self._direct and not self._queued and not self._writing:
+            done = self.transport.send_nowait(payload)
+            if done:
+                return
+            if done is not None:
+                payload = FLUSH  # written in part: the writer sends the rest
         try:
             self._send.send_nowait(payload)
+            self._queued += 1
         except trio.WouldBlock:
             self.kick(KickReason.SLOW_CONSUMER)
         except (trio.BrokenResourceError, trio.ClosedResourceError):
@@ -127,10 +143,21 @@ class Session:
         A client that pipelines requests but reads its replies is slowed down,
         never kicked: only pushes (:meth:`deliver`) kick on a full queue.
         """
+        payload = Payload(frame)
+        if self._direct and not self._queued and not self._writing:
+            done = self.transport.send_nowait(payload)
+            if done:
+                return
+            if done is not None:
+                payload = FLUSH
+        self._queued += 1
         try:
-            await self._send.send(Payload(frame))
+            await self._send.send(payload)
         except (trio.BrokenResourceError, trio.ClosedResourceError):
-            pass
+            self._queued -= 1
+        except BaseException:
+            self._queued -= 1
+            raise
 
     async def acquire_inflight(self) -> None:
         """Wait for a slot for one more request answered after a commit.
@@ -155,6 +182,7 @@ class Session:
     def kick(self, reason: KickReason) -> None:
         """End this connection with a ``kicked`` frame (first reason wins)."""
         if self.kick_reason is None and self.phase is not State.CLOSING:
+            self._direct = False
             self.kick_reason = reason
             stats = self.state.stats
             stats.kicks[reason.value] = stats.kicks.get(reason.value, 0) + 1
@@ -206,6 +234,7 @@ class Session:
             close_code = 1011
         finally:
             self.phase = State.CLOSING
+            self._direct = False
             self._detach()
             state.sessions.pop(self.conn_id, None)
             stats.connections[self.transport.kind] -= 1
@@ -226,6 +255,7 @@ class Session:
             while self._pending:
                 self._commits_done = trio.Event()
                 await self._commits_done.wait()
+        self._direct = False  # from here on only the writer writes, then the close
         self._send.close()
         with trio.move_on_after(1.0):
             await self._writer_done.wait()
@@ -258,6 +288,7 @@ class Session:
                     batch.append(recv.receive_nowait())
             except (trio.WouldBlock, trio.EndOfChannel):
                 pass
+            self._queued -= len(batch)
             self._writing = True
             try:
                 await transport.send(batch)
@@ -331,6 +362,7 @@ class Session:
         self.user, self.device, self.token_hash = user, device, token_h
         self.relations = relations
         self.phase = State.READY
+        self._direct = True
         self.last_rx = trio.current_time()
         kicks, came_online = state.hub.shard(user).attach(self, relations)
         self._attached = True

@@ -11,6 +11,7 @@ Transport errors are mapped once, here, to :class:`TransportClosed`.
 from __future__ import annotations
 
 import abc
+import os
 import struct
 from collections.abc import Sequence
 from typing import Any, ClassVar
@@ -94,11 +95,53 @@ def ws_frame(opcode: int, payload: bytes) -> bytes:
     return struct.pack("!BBQ", 0x80 | opcode, 127, n) + payload
 
 
+#: Queued after a partial :meth:`Transport.send_nowait`: it carries no frame;
+#: the writer's next :meth:`Transport.send` writes the kept rest first.
+FLUSH = Payload({})
+
+
+def socket_fd(stream: Any) -> Any:
+    """The trio socket under ``stream`` if it has one (not for in-memory streams)."""
+    sock = getattr(stream, "socket", None)
+    return sock if sock is not None and hasattr(sock, "fileno") else None
+
+
+def write_nowait(sock: Any, data: bytes) -> int | None:
+    """Write what the socket takes now without blocking: bytes written, or None.
+
+    The descriptor is looked up on every call: a closed socket reports -1,
+    so a number the kernel reused for another connection is never written.
+    """
+    fd = sock.fileno()
+    if fd < 0:
+        return None
+    try:
+        return os.write(fd, data)
+    except (BlockingIOError, InterruptedError):
+        return None
+    except OSError:
+        return None  # broken: the writer's next send reports it
+
+
 class Transport(abc.ABC):
     """A framed, bidirectional connection to one client."""
 
     kind: ClassVar[str]
     peer: str
+
+    def send_nowait(self, payload: Payload) -> bool | None:
+        """Write ``payload`` at once if that can neither block nor reorder bytes.
+
+        The fast path of a push to an idle connection (no writer task switch,
+        no queue): the session calls it only when its queue is empty and its
+        writer is not inside :meth:`send`.
+
+        Returns:
+            True: all written. False: written in part; the transport keeps the
+            rest and the next :meth:`send` writes it first (the session queues
+            :data:`FLUSH` to make that happen). None: not attempted; queue it.
+        """
+        return None
 
     @abc.abstractmethod
     async def receive(self) -> list[dict[str, Any]]:

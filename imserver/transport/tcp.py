@@ -10,7 +10,7 @@ import trio
 from protocol.codec import NEED_DATA, FrameDecoder
 from protocol.errors import FrameError
 
-from .base import Payload, Transport, TransportClosed
+from .base import FLUSH, Payload, Transport, TransportClosed, socket_fd, write_nowait
 
 RECEIVE_BYTES = 65536
 
@@ -25,6 +25,8 @@ class TcpTransport(Transport):
         self.peer = peer
         self.decoder = FrameDecoder(max_frame_bytes)
         self.text = False
+        self._sock = socket_fd(stream)
+        self._rest = b""  # the unwritten end of a partial send_nowait
 
     def __repr__(self) -> str:
         return f"<TcpTransport {self.peer}>"
@@ -59,9 +61,28 @@ class TcpTransport(Transport):
                     return [f]  # type: ignore[list-item]
                 raise TransportClosed("peer closed")
 
+    def send_nowait(self, payload: Payload) -> bool | None:
+        """See :meth:`Transport.send_nowait`."""
+        if self._sock is None or self._rest:
+            return None
+        data = payload.tcp()
+        n = write_nowait(self._sock, data)
+        if n is None:
+            return None
+        if n == len(data):
+            return True
+        self._rest = data[n:]
+        return False
+
     async def send(self, payloads: Sequence[Payload]) -> None:
         """Join the framed payloads and write them at once."""
+        if payloads and payloads[0] is FLUSH:
+            payloads = payloads[1:]
         data = payloads[0].tcp() if len(payloads) == 1 else b"".join([p.tcp() for p in payloads])
+        if self._rest:
+            data, self._rest = self._rest + data, b""
+        if not data:
+            return
         try:
             await self.stream.send_all(data)
         except (trio.BrokenResourceError, trio.ClosedResourceError) as e:

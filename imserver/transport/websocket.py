@@ -105,7 +105,7 @@ from wsproto.utilities import LocalProtocolError, generate_accept_token
 from protocol.codec import decode_ws
 from protocol.errors import WS_CLOSE_TOO_BIG, FrameError
 
-from .base import Payload, Transport, TransportClosed, ws_frame
+from .base import FLUSH, Payload, Transport, TransportClosed, socket_fd, write_nowait, ws_frame
 
 __all__ = ["CLOSE_TIMEOUT", "RECEIVE_BYTES", "WebSocketTransport"]
 
@@ -206,7 +206,9 @@ class WebSocketTransport(Transport):
         "_max_message_bytes",
         "_parts",
         "_reading",
+        "_rest",
         "_size",
+        "_sock",
         "_stream",
         "_unread",
         "peer",
@@ -249,6 +251,8 @@ class WebSocketTransport(Transport):
         self._failure: FrameError | _Shutdown | None = None
         self._lock = trio.Lock()
         self._closed = False
+        self._sock = socket_fd(stream)
+        self._rest = b""  # the unwritten end of a partial send_nowait
         self._reading = False
         self._close_event: trio.Event | None = None
 
@@ -494,9 +498,31 @@ class WebSocketTransport(Transport):
         try:
             while (data := self._control) is not None:
                 self._control = None
+                if self._rest:  # never inside a frame a direct write left half-sent
+                    data, self._rest = self._rest + data, b""
                 await self._stream.send_all(data)
         finally:
             lock.release()
+
+    def send_nowait(self, payload: Payload) -> bool | None:
+        """See :meth:`Transport.send_nowait` (only in the OPEN state, lock free)."""
+        if (
+            self._sock is None
+            or self._rest
+            or self._closed
+            or self._control is not None
+            or self._lock.locked()
+            or self._conn.state is not _OPEN
+        ):
+            return None
+        data = payload.ws_text() if self.text else payload.ws_binary()
+        n = write_nowait(self._sock, data)
+        if n is None:
+            return None
+        if n == len(data):
+            return True
+        self._rest = data[n:]
+        return False
 
     # -- sending -------------------------------------------------------------
 
@@ -510,7 +536,9 @@ class WebSocketTransport(Transport):
         Raises:
             TransportClosed: The stream broke, or the connection is closing.
         """
-        if not payloads:
+        if payloads and payloads[0] is FLUSH:
+            payloads = payloads[1:]
+        if not payloads and not self._rest:
             return
         lock = self._lock
         try:
@@ -521,7 +549,7 @@ class WebSocketTransport(Transport):
             if self._closed:
                 raise TransportClosed("connection closed")
             try:
-                data = self._encode(payloads)
+                data = self._encode(payloads) if payloads else b""
             except LocalProtocolError:
                 # The peer's close frame arrived; the reader answers it.
                 raise TransportClosed("connection closing") from None
@@ -529,6 +557,8 @@ class WebSocketTransport(Transport):
             if control is not None:
                 self._control = None
                 data = control + data
+            if self._rest:
+                data, self._rest = self._rest + data, b""
             stream = self._stream
             await stream.send_all(data)
             while (control := self._control) is not None:  # queued while we wrote
@@ -614,9 +644,10 @@ class WebSocketTransport(Transport):
             if not 1000 <= code <= 4999:
                 code = _CLOSE_INTERNAL
             event = CloseConnection(code=code, reason=reason)
-        data = b""
+        data = self._rest
+        self._rest = b""
         if conn.state is _OPEN or conn.state is _REMOTE_CLOSING:
-            data = conn.send(event)
+            data += conn.send(event)
         with trio.CancelScope(deadline=trio.current_time() + CLOSE_TIMEOUT, shield=True):
             try:
                 if data:
