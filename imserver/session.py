@@ -102,6 +102,7 @@ class Session:
         self._writing = False
         self._queued = 0  # payloads in the outbound channel (or handed to the writer)
         self._direct = False  # may deliver() write to the socket itself?
+        self._staged: list[Payload] | None = None  # collected during Hub.staged()
         self._attached = False
 
     def __repr__(self) -> str:
@@ -119,19 +120,53 @@ class Session:
         common case of an idle connection in a fan-out. Order is kept: the
         direct path is taken only when no earlier frame is still on its way.
         """
+        staged = self._staged
+        if staged is not None:
+            staged.append(payload)
+            return
+        staging = self.state.hub.staging
+        if staging is not None:
+            self._staged = [payload]
+            staging.append(self)
+            return
         if self._direct and not self._queued and not self._writing:
             done = self.transport.send_nowait(payload)
             if done:
                 return
             if done is not None:
                 payload = FLUSH  # written in part: the writer sends the rest
+        self._enqueue(payload)
+
+    def _enqueue(self, payload: Payload) -> bool:
         try:
             self._send.send_nowait(payload)
             self._queued += 1
         except trio.WouldBlock:
             self.kick(KickReason.SLOW_CONSUMER)
+            return False
         except (trio.BrokenResourceError, trio.ClosedResourceError):
-            pass
+            return False
+        return True
+
+    def flush_staged(self) -> None:
+        """Write what :meth:`deliver` collected during ``Hub.staged()`` (one write).
+
+        Written directly when the connection is idle, else queued for the
+        writer, which sends the queue in one write too.
+        """
+        payloads, self._staged = self._staged, None
+        if not payloads:
+            return
+        if self._direct and not self._queued and not self._writing:
+            done = self.transport.send_many_nowait(payloads)
+            if done:
+                return
+            if done is not None:
+                self._enqueue(FLUSH)  # written in part: the writer sends the rest
+                return
+        for p in payloads:
+            if not self._enqueue(p):
+                return
 
     def reply(self, frame: dict[str, Any]) -> None:
         """Queue a reply frame (same queue, so order with pushes holds)."""

@@ -116,3 +116,36 @@ async def test_ws_partial_direct_write_keeps_pong_and_close_outside_the_frame() 
     assert [op for op, _ in frames] == [0x2, 0xA, 0x8]  # binary, pong, close
     assert frames[0][1] == first.msgpack() and frames[1][1] == b"hi"
     peer.close()
+
+
+async def test_send_many_nowait_writes_frames_in_order() -> None:
+    payloads = [Payload({"op": "msg", "seq": i, "body": "y" * 100}) for i in range(5)]
+    stream, peer = _pair()
+    t = TcpTransport(stream, max_frame_bytes=1 << 20)
+    assert t.send_many_nowait(payloads) is True
+    decoder = FrameDecoder(1 << 20)
+    decoder.receive_data(await _read_all(peer, sum(len(p.tcp()) for p in payloads)))
+    frames = []
+    while (f := decoder.next_frame()) is not NEED_DATA:
+        frames.append(f)
+    assert [f["seq"] for f in frames] == [0, 1, 2, 3, 4]
+    peer.close()
+    await t.close()
+
+    stream, peer = _pair()
+    w = WebSocketTransport(
+        stream, Connection(ConnectionType.SERVER), max_frame_bytes=1 << 20, max_message_bytes=300
+    )
+    assert w.send_many_nowait(payloads) is True
+    data = b""
+    while len(data) < 5 * 100:
+        data += await peer.recv(65536)
+    with trio.move_on_after(0.2):
+        while chunk := await peer.recv(65536):
+            data += chunk
+    messages = _ws_frames(data)
+    # MessagePack maps packed back to back, at most max_message_bytes a message.
+    assert all(op == 0x2 for op, _ in messages) and 1 < len(messages) < 5
+    assert b"".join(m for _, m in messages) == b"".join(p.msgpack() for p in payloads)
+    peer.close()
+    await stream.aclose()

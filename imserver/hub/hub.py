@@ -23,10 +23,11 @@ is reached only through shard methods (SCALE-OUT point 5).
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
 import zlib
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from typing import Protocol
 
 import trio
@@ -62,6 +63,9 @@ class Conn(Protocol):
 
     def kick(self, reason: KickReason) -> None:
         """End the connection with ``{"op":"kicked","reason":...}``."""
+
+    def flush_staged(self) -> None:
+        """Send or queue what was staged during :meth:`Hub.staged` in one write."""
 
 
 class UserEntry:
@@ -148,6 +152,9 @@ class Hub:
         self.heartbeat_timeout = heartbeat_timeout
         self.sweep_interval = sweep_interval
         self.pushes = 0
+        #: While not None (inside :meth:`staged`), connections collect what
+        #: they are given and are listed here, to write it all at the end.
+        self.staging: list[Conn] | None = None
 
     def shard(self, user: str) -> HubShard:
         """The shard that owns ``user``."""
@@ -190,6 +197,28 @@ class Hub:
                     n += 1
         self.pushes += n
         return n
+
+    @contextlib.contextmanager
+    def staged(self) -> Iterator[None]:
+        """Collect every delivery made inside, then write each connection's share at once.
+
+        The batch writer wraps the post-commit pushes of a batch in it: a
+        connection that gets k frames from one batch (its replies, the
+        messages of several conversations, a fan-out) costs one write, not
+        k, and order per connection is kept because nothing is written
+        before the end. Deliveries never await, so nothing interleaves.
+        """
+        if self.staging is not None:
+            yield
+            return
+        staging: list[Conn] = []
+        self.staging = staging
+        try:
+            yield
+        finally:
+            self.staging = None
+            for conn in staging:
+                conn.flush_staged()
 
     def rate(self, kind: str, user: str, now: float, n: float = 1.0) -> float:
         """Take from ``user``'s ``kind`` bucket: 0.0, or seconds to wait."""

@@ -201,8 +201,14 @@ class ChatService:
         """Answer senders and publish pushes of one committed batch, in order.
 
         Runs synchronously in the writer task: no checkpoint, so nothing
-        interleaves with the order of commits.
+        interleaves with the order of commits. Inside ``Hub.staged()`` every
+        connection gets its share of the batch (replies and pushes, in order)
+        in one write.
         """
+        with self.state.hub.staged():
+            self._deliver_batch(result)
+
+    def _deliver_batch(self, result: BatchResult) -> None:
         hub = self.state.hub
         stats = self.state.stats
         groups = self.state.groups

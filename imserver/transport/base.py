@@ -115,6 +115,13 @@ def write_nowait(sock: Any, data: bytes) -> int | None:
     fd = sock.fileno()
     if fd < 0:
         return None
+
+    def send_many_nowait(self, payloads: Sequence[Payload]) -> bool | None:
+        """:meth:`send_nowait` for several frames in order, as one write."""
+        if len(payloads) == 1:
+            return self.send_nowait(payloads[0])
+        return None
+
     try:
         return os.write(fd, data)
     except (BlockingIOError, InterruptedError):

@@ -65,7 +65,15 @@ class TcpTransport(Transport):
         """See :meth:`Transport.send_nowait`."""
         if self._sock is None or self._rest:
             return None
-        data = payload.tcp()
+        return self._write_nowait(payload.tcp())
+
+    def send_many_nowait(self, payloads: Sequence[Payload]) -> bool | None:
+        """See :meth:`Transport.send_many_nowait`."""
+        if self._sock is None or self._rest:
+            return None
+        return self._write_nowait(b"".join([p.tcp() for p in payloads]))
+
+    def _write_nowait(self, data: bytes) -> bool | None:
         n = write_nowait(self._sock, data)
         if n is None:
             return None

@@ -504,18 +504,29 @@ class WebSocketTransport(Transport):
         finally:
             lock.release()
 
-    def send_nowait(self, payload: Payload) -> bool | None:
-        """See :meth:`Transport.send_nowait` (only in the OPEN state, lock free)."""
-        if (
+    def _direct_ok(self) -> bool:
+        return not (
             self._sock is None
             or self._rest
             or self._closed
             or self._control is not None
             or self._lock.locked()
             or self._conn.state is not _OPEN
-        ):
+        )
+
+    def send_nowait(self, payload: Payload) -> bool | None:
+        """See :meth:`Transport.send_nowait` (only in the OPEN state, lock free)."""
+        if not self._direct_ok():
             return None
-        data = payload.ws_text() if self.text else payload.ws_binary()
+        return self._write_nowait(payload.ws_text() if self.text else payload.ws_binary())
+
+    def send_many_nowait(self, payloads: Sequence[Payload]) -> bool | None:
+        """See :meth:`Transport.send_many_nowait`: maps packed as :meth:`send` packs them."""
+        if not self._direct_ok():
+            return None
+        return self._write_nowait(self._encode(payloads))
+
+    def _write_nowait(self, data: bytes) -> bool | None:
         n = write_nowait(self._sock, data)
         if n is None:
             return None
