@@ -1,6 +1,6 @@
 """``python -m bench <scenario> [options]``: load tests for imserver (see bench/README.md).
 
-Scenarios: ``pairs`` (now); ``fanout``, ``idle``, ``storm``, ``history`` can be
+Scenarios: ``pairs``, ``fanout`` (now); ``idle``, ``storm``, ``history`` can be
 added as modules with ``add_arguments(parser)`` and ``run(args)``.
 """
 
@@ -9,10 +9,14 @@ from __future__ import annotations
 import argparse
 import sys
 
-from . import common, pairs
+from . import common, fanout, pairs
 
 SCENARIOS = {
     "pairs": (pairs, "P sender/receiver pairs: s{i} sends to r{i} (throughput, latency, order)"),
+    "fanout": (
+        fanout,
+        "one group of M members, K senders: fan-out deliveries/s, delivery latency, order",
+    ),
 }
 
 
