@@ -7,6 +7,7 @@
         ├── BatchWriter.run            (storage: group commit)
         ├── Hub.run_sweeps             (one heartbeat sweep per shard)
         └── connections nursery        (one Session.run per client)
+            ├── serve_http             (hypercorn: the HTTP shim, drains on shutdown)
             └── accept nursery
                 ├── serve_listeners    (TCP)
                 ├── serve_listeners    (WebSocket)
@@ -31,6 +32,7 @@ from protocol.errors import KickReason
 
 from .clock import Clock
 from .config import Config
+from .http import serve_http
 from .hub.hub import Hub
 from .services.auth import AuthService
 from .services.chat import ChatService
@@ -38,6 +40,7 @@ from .services.friends import FriendService
 from .services.groups import GroupService
 from .services.lifecycle import LifecycleService
 from .services.notices import NoticeService
+from .services.wechat import WeChatService
 from .session import Session
 from .state import ServerState, Stats
 from .storage.db import Storage
@@ -55,6 +58,7 @@ class ServerInfo:
     tcp_port: int | None
     ws_port: int | None
     state: ServerState
+    http_port: int | None = None
 
     def shutdown(self) -> None:
         """Begin a graceful shutdown (as SIGTERM does)."""
@@ -102,6 +106,7 @@ def _build_state(cfg: Config, storage: Storage, clock: Clock | None = None) -> S
     hub = Hub(
         shards=cfg.hub.shards,
         max_devices=cfg.session.max_devices,
+        max_pollers_per_user=cfg.http.max_pollers_per_user,
         heartbeat_timeout=cfg.session.heartbeat_timeout,
         sweep_interval=min(cfg.hub.sweep_interval, cfg.session.heartbeat_timeout / 4),
         limits={
@@ -134,6 +139,7 @@ def _build_state(cfg: Config, storage: Storage, clock: Clock | None = None) -> S
         groups=None,  # type: ignore[arg-type]
         lifecycle=None,  # type: ignore[arg-type]
         notices=None,  # type: ignore[arg-type]
+        wechat=None,  # type: ignore[arg-type]
         stats=Stats(),
     )
     state.chat = ChatService(state)
@@ -141,6 +147,7 @@ def _build_state(cfg: Config, storage: Storage, clock: Clock | None = None) -> S
     state.groups = GroupService(state)
     state.lifecycle = LifecycleService(state)
     state.notices = NoticeService(state)
+    state.wechat = WeChatService(state)
     writer.prepare = state.groups.prepare
     writer.on_commit = state.chat.on_commit
     writer.on_failure = state.chat.on_failure
@@ -197,6 +204,10 @@ async def _serve(
         await root.start(writer.run)
         await root.start(hub.run_sweeps)
         async with trio.open_nursery() as connections:
+            http_port = None
+            if cfg.http.enabled:
+                # In the connections nursery: it drains its requests on shutdown.
+                http_port = await connections.start(serve_http, state)
             async with trio.open_nursery() as accept:
                 tcp_port = ws_port = None
                 if cfg.tcp.enabled:
@@ -211,14 +222,17 @@ async def _serve(
                     accept.start_soon(_serve_listeners, ws_handler, listeners, connections)
                 if handle_signals:
                     accept.start_soon(_watch_signals, state)
+                state.ports.update(tcp=tcp_port, ws=ws_port, http=http_port)
                 log.info(
-                    "listening tcp=%s:%s ws=%s:%s",
+                    "listening tcp=%s:%s ws=%s:%s http=%s:%s",
                     cfg.tcp.host,
                     tcp_port,
                     cfg.websocket.host,
                     ws_port,
+                    cfg.http.host,
+                    http_port,
                 )
-                task_status.started(ServerInfo(tcp_port, ws_port, state))
+                task_status.started(ServerInfo(tcp_port, ws_port, state, http_port))
                 await state.shutting_down.wait()
                 accept.cancel_scope.cancel()
             log.info("shutdown_begin sessions=%d", len(state.sessions))

@@ -136,6 +136,31 @@ class HubSection:
 
 
 @dataclasses.dataclass
+class HttpSection:
+    enabled: bool = _field(True)
+    host: str = _field("127.0.0.1")
+    port: int = _field(7780, 0, 65535)
+    max_body_bytes: int = _field(4 * 1048576, 1024, 256 * 1048576)
+    max_json_body_bytes: int = _field(65536, 1024, 16 * 1048576)
+    max_pollers_per_user: int = _field(4, 1, 1000)
+    poll_timeout_s: float = _field(25.0, 0.0, 60.0)
+    poll_max_timeout_s: float = _field(60.0, 0.0, 3600.0)
+    poll_max_messages: int = _field(200, 1, 10_000)
+    search_max_limit: int = _field(100, 1, 10_000)
+    admin_token: str = _field("")
+    static_dir: str = _field("")
+    max_connections: int = _field(1000, 1, 1_000_000)
+
+
+@dataclasses.dataclass
+class WeChatSection:
+    #: [[wechat.accounts]] tables: appid, token (the secret), owners.
+    accounts: list = dataclasses.field(  # type: ignore[type-arg]
+        default_factory=list, metadata={"lo": None, "hi": None, "choices": ()}
+    )
+
+
+@dataclasses.dataclass
 class LogSection:
     level: str = _field("info", choices=("debug", "info", "warning", "error"))
     format: str = _field("text", choices=("text", "json"))
@@ -155,6 +180,8 @@ class Config:
     database: DatabaseSection = dataclasses.field(default_factory=DatabaseSection)
     batch: BatchSection = dataclasses.field(default_factory=BatchSection)
     hub: HubSection = dataclasses.field(default_factory=HubSection)
+    http: HttpSection = dataclasses.field(default_factory=HttpSection)
+    wechat: WeChatSection = dataclasses.field(default_factory=WeChatSection)
     log: LogSection = dataclasses.field(default_factory=LogSection)
 
     def replace(self, **sections: Mapping[str, Any]) -> Config:
@@ -173,6 +200,10 @@ _SECTIONS = {f.name: f.default_factory for f in dataclasses.fields(Config)}  # t
 def _coerce(key: str, f: dataclasses.Field[Any], value: Any, from_env: bool) -> Any:
     typ = f.type if isinstance(f.type, str) else f.type.__name__
     meta = f.metadata
+    if typ == "list":
+        if from_env:
+            raise ConfigError(f"{key}: cannot be set from the environment; use server.toml")
+        return _wechat_accounts(key, value)
     if from_env:
         value = _parse_env(key, typ, value)
     if typ == "bool":
@@ -196,6 +227,45 @@ def _coerce(key: str, f: dataclasses.Field[Any], value: Any, from_env: bool) -> 
     if hi is not None and value > hi:
         raise ConfigError(f"{key}: must be at most {hi}, got {value!r}")
     return value
+
+
+_USER_CHARS = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_.-")
+MIN_SECRET_CHARS = 16
+
+
+def _wechat_accounts(key: str, value: Any) -> list[dict[str, Any]]:
+    """Validate ``[[wechat.accounts]]``: each ``{appid, token, owners}``."""
+    if not isinstance(value, list):
+        raise ConfigError(f"{key}: expected a list of tables ([[wechat.accounts]])")
+    seen: set[str] = set()
+    out = []
+    for i, acc in enumerate(value):
+        where = f"{key}[{i}]"
+        if not isinstance(acc, Mapping):
+            raise ConfigError(f"{where}: expected a table")
+        unknown = set(acc) - {"appid", "token", "owners"}
+        if unknown:
+            raise ConfigError(f"{where}.{sorted(unknown)[0]}: unknown option")
+        appid = acc.get("appid")
+        if not isinstance(appid, str) or not 1 <= len(appid) <= 128 or ":" in appid:
+            raise ConfigError(f"{where}.appid: expected 1-128 characters without ':'")
+        if appid in seen:
+            raise ConfigError(f"{where}.appid: {appid!r} is listed twice")
+        seen.add(appid)
+        token = acc.get("token")
+        if not isinstance(token, str) or len(token) < MIN_SECRET_CHARS:
+            raise ConfigError(f"{where}.token: expected a secret of at least 16 characters")
+        owners = acc.get("owners")
+        if (
+            not isinstance(owners, list)
+            or not owners
+            or not all(
+                isinstance(o, str) and 1 <= len(o) <= 64 and set(o) <= _USER_CHARS for o in owners
+            )
+        ):
+            raise ConfigError(f"{where}.owners: expected a non-empty list of user names")
+        out.append({"appid": appid, "token": token, "owners": list(dict.fromkeys(owners))})
+    return out
 
 
 def _parse_env(key: str, typ: str, text: str) -> Any:
@@ -260,6 +330,10 @@ def from_mapping(raw: Mapping[str, Any], *, env: Mapping[str, str] | None = None
         raise ConfigError("session.heartbeat_timeout: must be greater than session.heartbeat")
     if cfg.limits.max_body_bytes > cfg.limits.max_frame_bytes:
         raise ConfigError("limits.max_body_bytes: must not exceed limits.max_frame_bytes")
+    if cfg.http.admin_token and len(cfg.http.admin_token) < MIN_SECRET_CHARS:
+        raise ConfigError("http.admin_token: at least 16 characters (or empty to disable)")
+    if cfg.http.poll_timeout_s > cfg.http.poll_max_timeout_s:
+        raise ConfigError("http.poll_timeout_s: must not exceed http.poll_max_timeout_s")
     if cfg.websocket.max_message_bytes < cfg.limits.max_frame_bytes:
         raise ConfigError("websocket.max_message_bytes: must be at least limits.max_frame_bytes")
     return cfg

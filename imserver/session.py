@@ -109,6 +109,11 @@ class Session:
         who = f"{self.user}/{self.device}" if self.user else "-"
         return f"<Session {self.conn_id} {self.transport.kind} {who} {self.phase.value}>"
 
+    @property
+    def queue_depth(self) -> int:
+        """Frames waiting in this connection's outbound queue (for metrics)."""
+        return self._queued
+
     # -- called by the hub and services (never await) --------------------------
 
     def deliver(self, payload: Payload) -> None:
@@ -233,6 +238,7 @@ class Session:
         state.sessions[self.conn_id] = self
         stats = state.stats
         stats.connections[self.transport.kind] += 1
+        stats.accepted_total += 1
         close_frame: dict[str, Any] | None = None
         close_code: int | None = WS_CLOSE_NORMAL
         try:

@@ -20,6 +20,7 @@ if TYPE_CHECKING:
     from .services.groups import GroupService
     from .services.lifecycle import LifecycleService
     from .services.notices import NoticeService
+    from .services.wechat import WeChatService
     from .session import Session
 
 
@@ -54,6 +55,9 @@ class ServerState:
     groups: GroupService
     lifecycle: LifecycleService
     notices: NoticeService
+    wechat: WeChatService
     stats: Stats
     sessions: dict[str, Session] = dataclasses.field(default_factory=dict)
     shutting_down: trio.Event = dataclasses.field(default_factory=trio.Event)
+    #: Where each listener is bound, once it is: "tcp", "ws", "http" -> port.
+    ports: dict[str, int | None] = dataclasses.field(default_factory=dict)

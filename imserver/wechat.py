@@ -326,9 +326,8 @@ def _int(field: str, value: Any, lo: int, hi: int) -> int:
         raise _invalid(field, "missing")
     if isinstance(value, bool) or not isinstance(value, int | str):
         raise _invalid(field, "must be an integer or a decimal string")
-    if isinstance(value, str):
-        if len(value) > _MAX_DIGITS or not _DIGITS.fullmatch(value):
-            raise _invalid(field, "must be an integer or a decimal string")
+    if isinstance(value, str) and (len(value) > _MAX_DIGITS or not _DIGITS.fullmatch(value)):
+        raise _invalid(field, "must be an integer or a decimal string")
     number = int(value)
     if not lo <= number <= hi:
         raise _invalid(field, f"must be in {lo}..{hi}")

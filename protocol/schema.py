@@ -142,7 +142,7 @@ class OpSchema:
 _RID: Final = FieldSpec(FieldType.INT, min=0, max=MAX_ID)
 _USER: Final = FieldSpec(FieldType.USER, required=True)
 _GROUP: Final = FieldSpec(FieldType.STR, required=True, min_len=1, max_len=64)
-_CONV: Final = FieldSpec(FieldType.STR, required=True, min_len=1, max_len=200)
+_CONV: Final = FieldSpec(FieldType.STR, required=True, min_len=1, max_len=300)
 _SEQ: Final = FieldSpec(FieldType.INT, required=True, min=0, max=MAX_ID)
 _MID: Final = FieldSpec(FieldType.INT, required=True, min=1, max=MAX_ID)
 _DEVICE: Final = FieldSpec(FieldType.STR, default="default", min_len=1, max_len=64)
@@ -193,7 +193,7 @@ _SCHEMAS: Final = (
         exactly_one=("to", "group", "conv"),
         to=FieldSpec(FieldType.USER),
         group=FieldSpec(FieldType.STR, min_len=1, max_len=64),
-        conv=FieldSpec(FieldType.STR, min_len=1, max_len=200),
+        conv=FieldSpec(FieldType.STR, min_len=1, max_len=300),
         cid=FieldSpec(FieldType.STR, required=True, min_len=1, max_len=64),
         kind=FieldSpec(FieldType.STR, default="text", choices=SEND_KINDS),
         body=FieldSpec(FieldType.STR, default="", max_len=MAX_BODY_CHARS),

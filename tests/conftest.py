@@ -107,6 +107,7 @@ def test_config(**sections: dict[str, Any]) -> Config:
         "auth": {"argon2_time_cost": 1, "argon2_memory_kib": 64, "min_password_len": 8},
         "batch": {"retry_backoff": 0.05},
         "server": {"shutdown_grace": 2.0},
+        "http": {"port": 0},
     }
     for name, values in sections.items():
         raw.setdefault(name, {}).update(values)

@@ -450,6 +450,7 @@ class ServerProcess:
         self.proc: trio.Process | None = None
         self.tcp_port = free_port()
         self.ws_port = free_port()
+        self.http_port = free_port()
 
     async def start(self, timeout: float = 60.0) -> None:
         config = self.workdir / "empty.toml"
@@ -460,6 +461,7 @@ class ServerProcess:
             {
                 "IMSERVER_TCP_PORT": str(self.tcp_port),
                 "IMSERVER_WEBSOCKET_PORT": str(self.ws_port),
+                "IMSERVER_HTTP_PORT": str(self.http_port),
                 "IMSERVER_CHAT_REQUIRE_FRIENDSHIP": "false",
                 "IMSERVER_RATE_SEND_PER_S": "100000",
                 "IMSERVER_RATE_SEND_BURST": "100000",

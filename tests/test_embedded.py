@@ -229,7 +229,10 @@ def test_fresh_start_query_restart_persists(tmp_path: Path) -> None:
         assert os.getsid(pg.pid) == pg.pid  # own session: a terminal's Ctrl-C doesn't reach it
         postmaster = psutil.Process(pg.pid)
         for proc in [postmaster, *postmaster.children(recursive=True)]:
-            assert proc.net_connections(kind="inet") == []
+            try:
+                assert proc.net_connections(kind="inet") == []
+            except (psutil.NoSuchProcess, FileNotFoundError):
+                assert proc is not postmaster  # a backend that exited meanwhile
         lines = (pg.data_dir / "postmaster.pid").read_text().split("\n")
         assert lines[4] == str(pg.socket_dir)
         assert lines[5] == ""  # listen address: none

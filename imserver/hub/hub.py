@@ -37,6 +37,7 @@ from protocol.errors import KickReason
 
 from ..storage.records import Relations
 from ..transport.base import Payload
+from .pollers import PollWaiters
 from .ratelimit import RateLimiter
 
 log = logging.getLogger("imserver.hub")
@@ -148,7 +149,10 @@ class Hub:
         heartbeat_timeout: float,
         sweep_interval: float,
         limits: dict[str, tuple[float, float]],
+        max_pollers_per_user: int = 4,
     ) -> None:
+        #: HTTP long-polls waiting for a commit (node-local).
+        self.pollers = PollWaiters(max_pollers_per_user)
         self.shards = [HubShard(i, RateLimiter(limits), max_devices) for i in range(shards)]
         self.heartbeat_timeout = heartbeat_timeout
         self.sweep_interval = sweep_interval

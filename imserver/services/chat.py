@@ -257,6 +257,8 @@ class ChatService:
                     payload = Payload({**msg, "cid": row.cid})
                 n += hub.publish((row.sender,), payload, exclude=session)
             stats.messages_delivered += n
+            if hub.pollers:
+                hub.pollers.notify(row.members)
             if isinstance(action, GroupChange):
                 groups.committed(row)
             elif isinstance(action, RecallRequest):
@@ -325,7 +327,10 @@ class ChatService:
         """A page of one conversation (PROTOCOL §6)."""
         conv = f["conv"]
         gid = group_of(conv)
-        if gid is None:
+        wechat = conv.startswith("wx:")
+        if wechat:
+            self._check_wechat_owner(session.user, conv)
+        elif gid is None:
             direct_peer(conv, session.user)
         got = await self.state.storage.history(
             session.user,
@@ -333,9 +338,11 @@ class ChatService:
             f.get("after_seq"),
             f.get("before_seq"),
             f.get("limit", 50),
-            member_only=gid is not None,
+            member_only=gid is not None or wechat,
         )
         if got is None:
+            if wechat:
+                return {"msgs": [], "more": False}  # an owner, before its first message
             assert gid is not None
             if await self.state.groups.roster(gid) is None:
                 raise OpError(ErrorCode.NOT_FOUND, "no such group")
@@ -343,11 +350,17 @@ class ChatService:
         msgs, more = got
         return {"msgs": msgs, "more": more}
 
+    def _check_wechat_owner(self, user: str, conv: str) -> None:
+        if not self.state.wechat.may_read(user, conv):
+            raise OpError(ErrorCode.FORBIDDEN, "not an owner of this WeChat account")
+
     async def cursor(self, session: Session, f: dict[str, Any], field: str) -> None:
         """``read`` or ``recv``: queue the cursor; the reply comes after the commit."""
         conv = f["conv"]
         gid = group_of(conv)
-        if gid is None:
+        if conv.startswith("wx:"):
+            self._check_wechat_owner(session.user, conv)
+        elif gid is None:
             direct_peer(conv, session.user)
         else:
             cached = self.state.groups.cache.get(gid)

@@ -302,6 +302,32 @@ class Storage:
         """Those of ``names`` that are registered users."""
         return await self._acquire_run(_q_existing_users, names)
 
+    async def search(
+        self, viewer: str, q: str, conv: str | None, limit: int, before_mid: int | None = None
+    ) -> tuple[list[dict[str, Any]], bool]:
+        """Messages of ``viewer``'s conversations containing ``q``, newest first,
+        and whether more match (see :func:`imserver.storage.search.q_search`)."""
+        from .search import q_search
+
+        return await self._acquire_run(q_search, viewer, q, conv, limit, before_mid)
+
+    async def poll_since(
+        self, viewer: str, after_mid: int | None, limit: int
+    ) -> tuple[list[dict[str, Any]], int]:
+        """Entries of ``viewer``'s conversations committed after ``after_mid``.
+
+        In commit order (``mid``: one writer commits one batch at a time), at
+        most ``limit``, with the highest ``mid`` to continue from. With
+        ``after_mid`` None: no entries and the current highest ``mid``.
+        """
+        return await self._acquire_run(_q_poll_since, viewer, after_mid, limit)
+
+    async def store_wechat_event(
+        self, appid: str, new_msg_id: int, raw: dict[str, Any], now_ms: int
+    ) -> bool:
+        """Keep a WeChat event as received, once per (appid, new_msg_id); True if new."""
+        return await self._acquire_run(_q_store_wechat_event, appid, new_msg_id, raw, now_ms)
+
     # -- groups and message state ---------------------------------------------
 
     async def next_gid(self) -> str:
@@ -750,6 +776,43 @@ async def _q_history(
     return [msg_to_frame(r, viewer) for r in rows], more
 
 
+async def _q_poll_since(
+    conn: asyncpg.Connection, viewer: str, after_mid: int | None, limit: int
+) -> tuple[list[dict[str, Any]], int]:
+    if after_mid is None:
+        return [], await conn.fetchval("SELECT COALESCE(max(mid), 0) FROM messages")
+    rows = await conn.fetch(
+        f"""
+        SELECT {", ".join("m." + c for c in MSG_COLUMNS.split(", "))}
+        FROM messages m
+        JOIN user_convs uc ON uc.conv = m.conv AND uc.user_name = $1
+        WHERE m.mid > $2 AND m.seq <= COALESCE(uc.left_seq, m.seq)
+          AND {_NOT_HIDDEN.format(m="m")}
+        ORDER BY m.mid
+        LIMIT $3
+        """,
+        viewer,
+        after_mid,
+        limit,
+    )
+    last = rows[-1]["mid"] if rows else after_mid
+    return [msg_to_frame(r, viewer) for r in rows], last
+
+
+async def _q_store_wechat_event(
+    conn: asyncpg.Connection, appid: str, new_msg_id: int, raw: dict[str, Any], now: int
+) -> bool:
+    status = await conn.execute(
+        "INSERT INTO wechat_events (appid, new_msg_id, received_ms, raw) "
+        "VALUES ($1, $2, $3, $4) ON CONFLICT DO NOTHING",
+        appid,
+        new_msg_id,
+        now,
+        raw,
+    )
+    return bool(status.endswith(" 1"))
+
+
 async def _q_existing_users(conn: asyncpg.Connection, names: list[str]) -> set[str]:
     rows = await conn.fetch("SELECT name FROM users WHERE name = ANY($1::text[])", names)
     return {r[0] for r in rows}
@@ -962,7 +1025,8 @@ def _assign_seqs(fresh: list[SendRow], base: dict[str, int], ts: int) -> dict[st
         s += 1
         new_last[r.conv] = s
         r.seq = s
-        r.ts = ts
+        if not r.ts:  # entries ingested from elsewhere keep their own time (WeChat)
+            r.ts = ts
     return new_last
 
 

@@ -35,6 +35,7 @@ from typing import Any
 
 import trio
 
+from ..histogram import BATCH_ROWS_BOUNDS, COMMIT_SECONDS_BOUNDS, Histogram
 from .db import Storage
 from .errors import StorageError, StorageUnavailable
 from .records import BatchResult, CursorUpdate, SendRow
@@ -82,6 +83,8 @@ class BatchWriter:
         self.failed_batches = 0
         self.last_batch_rows = 0
         self.last_commit_s = 0.0
+        self.batch_rows = Histogram(BATCH_ROWS_BOUNDS)
+        self.commit_seconds = Histogram(COMMIT_SECONDS_BOUNDS)
 
     def __repr__(self) -> str:
         return f"<BatchWriter queued={self.queued} closed={self._closed}>"
@@ -195,6 +198,8 @@ class BatchWriter:
             result is not None,
         )
         if result is not None:
+            self.batch_rows.observe(len(rows))
+            self.commit_seconds.observe(self.last_commit_s)
             self.batches += 1
             self.committed_rows += len(rows)
             self.last_batch_rows = len(rows)

@@ -242,7 +242,7 @@ INVALID_TABLE: list[tuple[str, dict[str, Any], str]] = [
         "after_seq, before_seq",
     ),
     ("history no conv", {"op": "history", "limit": 5}, "conv"),
-    ("history conv too long", {"op": "history", "conv": "c" * 201}, "conv"),
+    ("history conv too long", {"op": "history", "conv": "c" * 301}, "conv"),
     ("history negative seq", {"op": "history", "conv": "c", "before_seq": -1}, "before_seq"),
     ("read no seq", {"op": "read", "conv": "c"}, "seq"),
     ("recv seq bool", {"op": "recv", "conv": "c", "seq": False}, "seq"),
@@ -357,7 +357,7 @@ def test_unknown_fields_are_ignored() -> None:
 def test_edge_values_are_valid() -> None:
     validate({"op": "history", "conv": "c", "limit": 1, "before_seq": MAX_ID})
     validate({"op": "history", "conv": "c", "limit": 200, "after_seq": 0})
-    validate({"op": "send", "conv": "c" * 200, "cid": "c" * 64, "body": "x" * 2**20})
+    validate({"op": "send", "conv": "c" * 300, "cid": "c" * 64, "body": "x" * 2**20})
     validate({"op": "send", "group": "g" * 64, "cid": "c", "mentions": ["a"] * 500})
     validate({"op": "presence_query", "users": []})
     validate({"op": "presence_query", "users": ["u" * 64] * 500})
@@ -416,7 +416,7 @@ _send_frames = st.fixed_dictionaries(
         "rid": st.none() | st.integers(-1, 2**53) | st.booleans(),
         "to": st.none() | st.sampled_from(["bob", "b b", "", "a" * 65]) | st.integers(),
         "group": st.none() | st.text(max_size=3) | st.just("g" * 65) | st.booleans(),
-        "conv": st.none() | st.text(max_size=3) | st.just("c" * 201) | st.floats(),
+        "conv": st.none() | st.text(max_size=3) | st.just("c" * 301) | st.floats(),
         "cid": st.none() | st.text(max_size=3) | st.just("c" * 65) | st.integers(),
         "kind": st.none() | st.sampled_from(["text", "file", "system", ""]) | st.lists(st.none()),
         "body": st.none() | st.text(max_size=3) | st.integers(),

@@ -1,0 +1,184 @@
+"""WeChat (Gewechat) callbacks: who may post them, and storing their messages.
+
+The gateway signs nothing (PROTOCOL §10), so the per-account secret in the
+callback URL (``?token=``) is the authentication, compared in constant time;
+a sender that can sign may instead send ``X-Signature: sha256=<hex HMAC-SHA256
+of the raw body>`` keyed with the same secret. The secret is checked before
+the body is parsed, and the parsed ``Appid`` must belong to an account the
+secret admits: an unknown appid or a wrong secret is ``unauthorized`` and
+stores nothing.
+
+An ``AddMsg`` is kept whole in ``wechat_events`` once per ``(appid,
+NewMsgId)`` and becomes a message of ``wx:<appid>:<peer>`` through the batch
+writer, like any message: ``seq`` comes from the commit, the owners' devices
+get the push, and the callback is answered only after the commit. A body over
+``limits.max_body_bytes`` is cut there (``meta.truncated``) so that every push
+fits clients' frame limits; the raw event keeps it whole. Its ``cid``
+is ``<appid>:<NewMsgId>`` under the sender ``wx:<wxid>``, so a replay, however
+late, is a repeat of the first and delivers nothing again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import logging
+from typing import TYPE_CHECKING, Any
+
+import trio
+
+from protocol.errors import ErrorCode, OpError
+
+from ..storage.errors import StorageUnavailable
+from ..storage.records import SendRow
+from ..wechat import Handshake, Ignored, WeChatMessage, parse_callback
+
+if TYPE_CHECKING:
+    from ..state import ServerState
+
+log = logging.getLogger("imserver.wechat")
+
+SIGNATURE_PREFIX = "sha256="
+
+
+class CommitWaiter:
+    """The reply route of one row submitted from outside a session.
+
+    The writer answers it like a session (``reply``, ``release_inflight``)
+    once the row's batch has committed or failed; :meth:`wait` returns that
+    answer.
+    """
+
+    def __init__(self) -> None:
+        self.frame: dict[str, Any] | None = None
+        self._done = trio.Event()
+
+    def reply(self, frame: dict[str, Any]) -> None:
+        """The writer's answer: ``{"op":"ok",...}`` or an error frame."""
+        self.frame = frame
+        self._done.set()
+
+    def release_inflight(self) -> None:
+        """Nothing to release: no session queue stands behind it."""
+
+    async def wait(self, timeout: float) -> dict[str, Any]:
+        """The answer; ``unavailable`` if none came within ``timeout`` seconds.
+
+        Raises:
+            OpError: unavailable on a failed batch or no answer in time.
+        """
+        with trio.move_on_after(timeout):
+            await self._done.wait()
+        frame = self.frame
+        if frame is None:
+            raise OpError(ErrorCode.UNAVAILABLE, "commit did not finish in time")
+        if frame.get("op") == "error":
+            raise OpError(ErrorCode(frame["code"]), frame.get("message", ""))
+        return frame
+
+
+class WeChatService:
+    """Configured Gewechat accounts, callback authentication and ingestion."""
+
+    def __init__(self, state: ServerState) -> None:
+        self.state = state
+        self.accounts: dict[str, dict[str, Any]] = {
+            a["appid"]: a for a in state.cfg.wechat.accounts
+        }
+
+    def owners(self, appid: str) -> tuple[str, ...]:
+        """The local users who see the messages of ``appid`` (none if unknown)."""
+        acc = self.accounts.get(appid)
+        return tuple(acc["owners"]) if acc is not None else ()
+
+    def may_read(self, user: str, conv: str) -> bool:
+        """Whether ``user`` owns the account of the WeChat conversation ``conv``."""
+        parts = conv.split(":", 2)
+        return len(parts) == 3 and parts[0] == "wx" and user in self.owners(parts[1])
+
+    def admitted(self, token: str | None, signature: str | None, body: bytes) -> set[str]:
+        """The appids whose secret ``token`` (or the body's ``signature``) proves.
+
+        Every account is checked, each in constant time, whatever matches.
+        """
+        found: set[str] = set()
+        mac_given = b""
+        if signature is not None and signature.startswith(SIGNATURE_PREFIX):
+            hex_given = signature[len(SIGNATURE_PREFIX) :].strip().lower()
+            mac_given = hex_given.encode("ascii", "replace")
+        given = (token or "").encode("utf-8", "replace")
+        for appid, acc in self.accounts.items():
+            secret = acc["token"].encode()
+            ok = bool(token) and hmac.compare_digest(given, secret)
+            if mac_given:
+                mac = hmac.new(secret, body, hashlib.sha256).hexdigest().encode()
+                ok = hmac.compare_digest(mac_given, mac) or ok
+            if ok:
+                found.add(appid)
+        return found
+
+    async def callback(self, body: bytes, token: str | None, signature: str | None) -> None:
+        """Handle one callback POST; returns once it is stored (or needs no storing).
+
+        Raises:
+            OpError: unauthorized (no account admits the secret, or not the
+                event's account), too_large, invalid (the message names the
+                field), unavailable (storage down or overloaded).
+        """
+        admitted = self.admitted(token, signature, body)
+        if not admitted:
+            raise OpError(ErrorCode.UNAUTHORIZED, "bad or missing callback token")
+        event = parse_callback(body, max_body_bytes=self.state.cfg.http.max_body_bytes)
+        if isinstance(event, Handshake):
+            log.info("wechat_handshake accounts=%s", ",".join(sorted(admitted)))
+            return
+        if isinstance(event, Ignored):
+            if event.appid is not None and event.appid not in admitted:
+                raise OpError(ErrorCode.UNAUTHORIZED, "token does not belong to this Appid")
+            log.info("wechat_event type=%s appid=%s", event.type_name, event.appid)
+            return
+        assert isinstance(event, WeChatMessage)
+        if event.appid not in admitted:
+            raise OpError(ErrorCode.UNAUTHORIZED, "token does not belong to this Appid")
+        await self._store(event)
+
+    async def _store(self, msg: WeChatMessage) -> None:
+        state = self.state
+        owners = self.owners(msg.appid)
+        fresh = await state.storage.store_wechat_event(
+            msg.appid, msg.new_msg_id, msg.raw, state.clock.now_ms()
+        )
+        body, meta = msg.body, msg.meta
+        limit = state.cfg.limits.max_body_bytes
+        if len(body) * 4 > limit and len(encoded := body.encode()) > limit:
+            # The push must fit clients' frame limits; the raw event keeps it whole.
+            body = encoded[:limit].decode("utf-8", "ignore")
+            meta = {**meta, "truncated": True}
+        waiter = CommitWaiter()
+        row = SendRow(
+            sender=msg.sender,
+            cid=f"{msg.appid}:{msg.new_msg_id}",
+            conv=msg.conv,
+            conv_kind="wechat",
+            kind=msg.kind,
+            body=body,
+            meta=meta,
+            mentions=None,
+            reply_to=None,
+            members=owners,
+            ref=(waiter, 0),
+            ts=msg.ts,
+        )
+        try:
+            state.writer.submit_send(row)
+        except StorageUnavailable as e:
+            raise OpError(ErrorCode.UNAVAILABLE, str(e)) from None
+        reply = await waiter.wait(state.cfg.batch.commit_timeout * 2 + 5)
+        log.info(
+            "wechat_message appid=%s conv=%s seq=%s kind=%s new=%s",
+            msg.appid,
+            msg.conv,
+            reply.get("seq"),
+            msg.kind,
+            fresh,
+        )
