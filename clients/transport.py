@@ -152,6 +152,11 @@ class WsTransport:
             scope.shield = True
             # On cancellation trio-websocket closes the TCP stream itself.
             await self._ws.aclose()
+        # When the server closed first, trio-websocket leaves the TCP stream
+        # open (0.12); it has no public way to close it.
+        stream = getattr(self._ws, "_stream", None)
+        if stream is not None:
+            await trio.aclose_forcefully(stream)
 
 
 async def open_transport(
