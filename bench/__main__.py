@@ -1,6 +1,6 @@
 """``python -m bench <scenario> [options]``: load tests for imserver (see bench/README.md).
 
-Scenarios: ``pairs``, ``fanout`` (now); ``idle``, ``storm``, ``history`` can be
+Scenarios: ``pairs``, ``fanout``, ``idle``, ``storm``; more (``history``) can be
 added as modules with ``add_arguments(parser)`` and ``run(args)``.
 """
 
@@ -9,13 +9,21 @@ from __future__ import annotations
 import argparse
 import sys
 
-from . import common, fanout, pairs
+from . import common, fanout, idle, pairs, storm
 
 SCENARIOS = {
     "pairs": (pairs, "P sender/receiver pairs: s{i} sends to r{i} (throughput, latency, order)"),
     "fanout": (
         fanout,
         "one group of M members, K senders: fan-out deliveries/s, delivery latency, order",
+    ),
+    "idle": (
+        idle,
+        "C idle authenticated connections with heartbeats: connect rate, server RSS per connection",
+    ),
+    "storm": (
+        storm,
+        "N offline users get M messages each, then all reconnect at once and catch up",
     ),
 }
 
@@ -49,6 +57,11 @@ def _common_arguments(p: argparse.ArgumentParser) -> None:
         "--json", metavar="PATH", default=None, help="append the one-line JSON result to PATH"
     )
     g.add_argument("--quiet", action="store_true", help="no progress line on stderr")
+    g.add_argument(
+        "--plot",
+        action="store_true",
+        help="also write a PNG (latency CDF, rates over time) next to --json (needs matplotlib)",
+    )
     s = p.add_argument_group("server")
     s.add_argument(
         "--spawn-server",

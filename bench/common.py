@@ -566,6 +566,28 @@ def _set_pdeathsig() -> None:  # runs in the child before exec
     with contextlib.suppress(Exception):
         libc = ctypes.CDLL(None, use_errno=True)
         libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    raise_nofile()  # the server may hold as many connections as the hard limit allows
+
+
+def raise_nofile() -> int:
+    """Raise this process's open-file soft limit to the hard limit; return the soft limit."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and soft < hard:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+    return int(soft)
+
+
+def rss_kib(pid: int) -> int | None:
+    """VmRSS of process ``pid`` (that process only, not its children), KiB."""
+    with contextlib.suppress(OSError, ValueError), open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    return None
 
 
 class SpawnedServer:
@@ -798,6 +820,8 @@ def run_workers(
     server: SpawnedServer | None = None,
     progress: Progress | None = None,
     tokens: dict[str, str] | None = None,
+    on_tick: Callable[[str, list[dict[str, Any]]], None] | None = None,
+    setup_line: Callable[[float, list[dict[str, Any]]], str] | None = None,
 ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """Run ``module.worker(spec, link)`` in one process per spec; return their results.
 
@@ -806,7 +830,10 @@ def run_workers(
     little in the future). Warmup is [t0, t0+warmup), measurement
     [t0+warmup, t0+warmup+duration), then at most MAX_DRAIN_S of drain;
     each worker stops by itself at the end of that. ``progress_line``
-    renders the workers' latest counters once a second.
+    renders the workers' latest counters once a second (``setup_line``, if
+    given, during setup). ``on_tick(phase, latest)`` is called on every turn
+    of the parent's loop (about 20 times a second; phase ``setup``,
+    ``warmup``, ``measure`` or ``drain``), e.g. to sample the server's memory.
 
     Returns the workers' results and the parent's own observations (server
     CPU over the measurement window, timeline).
@@ -866,12 +893,17 @@ def run_workers(
                     fail(f"load worker {i} failed during setup: {msg[1]}")
                 elif msg[0] == "progress":
                     latest[i] = msg[1]
+            if on_tick is not None:
+                on_tick("setup", latest)
             if time.monotonic() >= next_show:
                 next_show += 1.0
-                progress.show(
-                    f"bench setup   {time.monotonic() - t_setup:5.1f}s  {sum(ready)}/{len(specs)} "
-                    "workers connected and authenticated"
-                )
+                if setup_line is not None:
+                    progress.show(setup_line(time.monotonic() - t_setup, latest))
+                else:
+                    progress.show(
+                        f"bench setup   {time.monotonic() - t_setup:5.1f}s  "
+                        f"{sum(ready)}/{len(specs)} workers connected and authenticated"
+                    )
         observed["setup_s"] = round(time.monotonic() - t_setup, 2)
 
         # -- go.
@@ -906,9 +938,11 @@ def run_workers(
                     results[i] = msg[1]
                 elif kind == "error":
                     fail(f"load worker {i} failed: {msg[1]}")
+            phase = "warmup" if now < w0 else "measure" if now < w1 else "drain"
+            if on_tick is not None:
+                on_tick(phase, latest)
             if now >= next_tick:
                 next_tick += NS
-                phase = "warmup" if now < w0 else "measure" if now < w1 else "drain"
                 progress.show(progress_line(phase, (now - t0) / NS, latest))
         progress.done()
         if machine0 and machine1:

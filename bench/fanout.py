@@ -204,7 +204,8 @@ class Member:
 
     # -- raw I/O ---------------------------------------------------------
 
-    async def connect(self, host: str, port: int) -> None:
+    async def connect(self, host: str, port: int, source: str | None = None) -> None:
+        """Connect (and for WebSocket, handshake); ``source``: local address to bind first."""
         try:
             infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
         except socket.gaierror as e:
@@ -213,6 +214,16 @@ class Member:
         sock = socket.socket(family, socket.SOCK_STREAM)
         sock.setblocking(False)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if source is not None:
+            try:
+                # Port chosen at connect(): one ephemeral range per source address.
+                sock.setsockopt(
+                    socket.IPPROTO_IP, getattr(socket, "IP_BIND_ADDRESS_NO_PORT", 24), 1
+                )
+                sock.bind((source, 0))
+            except OSError as e:
+                sock.close()
+                raise BenchError(f"cannot bind to {source}: {e}") from None
         err = sock.connect_ex(addr)
         if err not in (0, errno.EINPROGRESS):
             sock.close()
