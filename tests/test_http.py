@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -12,7 +13,7 @@ import trio
 from imserver.app import ServerInfo
 from imserver.config import Config
 
-from .conftest import Clients, test_config
+from .conftest import Clients, befriend, running_server, test_config
 
 
 @pytest.fixture
@@ -303,3 +304,221 @@ async def raw_post(
                         break
     header, _, rest = response.partition(b"\r\n\r\n")
     return int(header.split()[1]), json_mod.loads(rest)
+
+
+# -- long-poll -------------------------------------------------------------------
+
+
+async def test_long_poll_wakes_on_commit_times_out_and_survives_disconnect(
+    http: httpx.AsyncClient, clients: Clients, server: ServerInfo
+) -> None:
+    alice = await clients.user("alice")
+    bob = await clients.user("bob")
+    await befriend(alice, bob)
+    h = bearer(bob.token)
+    # No cursor: at once, no messages, the current cursor.
+    first = (await http.get("/api/v1/poll", headers=h)).json()
+    assert first["messages"] == [] and isinstance(first["cursor"], str)
+    # A short timeout with nothing new: empty, same cursor.
+    start = trio.current_time()
+    r = await http.get(
+        "/api/v1/poll", params={"cursor": first["cursor"], "timeout": 0.3}, headers=h
+    )
+    assert r.json() == {"messages": [], "cursor": first["cursor"]}
+    assert trio.current_time() - start >= 0.29
+    # A waiting poll returns within 100 ms of the commit.
+    got: dict[str, Any] = {}
+
+    async def poll() -> None:
+        params = {"cursor": first["cursor"], "timeout": 10}
+        resp = await http.get("/api/v1/poll", params=params, headers=h)
+        got["at"] = trio.current_time()
+        got["body"] = resp.json()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(poll)
+        await wait_for_pollers(server, 1)
+        reply = await alice.ok("send", to="bob", cid="c1", body="wake up")
+        acked = trio.current_time()
+    assert got["at"] - acked < 0.1, got["at"] - acked
+    msgs = got["body"]["messages"]
+    assert [(m["body"], m["seq"], m["mid"]) for m in msgs] == [("wake up", 1, reply["mid"])]
+    cursor = got["body"]["cursor"]
+    assert cursor != first["cursor"]
+    # Already there: at once. The sender's own messages come too.
+    await bob.ok("send", to="alice", cid="c2", body="back")
+    r = await http.get("/api/v1/poll", params={"cursor": cursor, "timeout": 5}, headers=h)
+    assert [m["body"] for m in r.json()["messages"]] == ["back"]
+    # A client that goes away mid-wait: the poll ends and frees its slot.
+    port = server.http_port
+    for _ in range(3):
+        stream = await trio.open_tcp_stream("127.0.0.1", port)
+        target = f"/api/v1/poll?cursor={r.json()['cursor']}&timeout=30"
+        auth = f"Authorization: Bearer {bob.token}"
+        await stream.send_all(f"GET {target} HTTP/1.1\r\nHost: t\r\n{auth}\r\n\r\n".encode())
+        await wait_for_pollers(server, 1)
+        await stream.aclose()
+        await wait_for_pollers(server, 0)
+    # The server still serves bob's polls (max_pollers_per_user is 2 here).
+    r = await http.get("/api/v1/poll", params={"cursor": cursor, "timeout": 0}, headers=h)
+    assert r.status_code == 200
+
+
+async def wait_for_pollers(server: ServerInfo, n: int) -> None:
+    """Poll (no event to wait on: the count lives in the server under test)."""
+    with trio.fail_after(5):
+        while len(server.state.hub.pollers) != n:  # noqa: ASYNC110
+            await trio.sleep(0.005)
+
+
+async def test_long_poll_limits(http: httpx.AsyncClient, server: ServerInfo) -> None:
+    token = await register(http, "carol")
+    h = bearer(token)
+    cursor = (await http.get("/api/v1/poll", headers=h)).json()["cursor"]
+    async with trio.open_nursery() as nursery:
+        for _ in range(2):
+            nursery.start_soon(
+                functools.partial(
+                    http.get, "/api/v1/poll", params={"cursor": cursor, "timeout": 2}, headers=h
+                )
+            )
+        await wait_for_pollers(server, 2)
+        r = await http.get("/api/v1/poll", params={"cursor": cursor, "timeout": 2}, headers=h)
+        err(r, 429, "rate_limited")
+        assert int(r.headers["Retry-After"]) >= 1
+        nursery.cancel_scope.cancel()
+    for params in (
+        {"cursor": cursor, "timeout": 61},
+        {"cursor": cursor, "timeout": -1},
+        {"cursor": cursor, "timeout": "soon"},
+        {"cursor": "not-a-cursor"},
+        {"cursor": "bTE6LTE"},  # "m1:-1"
+    ):
+        err(await http.get("/api/v1/poll", params=params, headers=h), 400, "invalid")
+    err(await http.get("/api/v1/poll"), 401, "unauthorized")
+
+
+# -- bad input on every route, admin notices, metrics -------------------------
+
+
+async def test_bad_input_on_every_route(http: httpx.AsyncClient, clients: Clients) -> None:
+    token = await register(http, "dave")
+    h = bearer(token)
+    # Bodies that are not JSON, or of the wrong shape.
+    for route in ("/api/v1/register", "/api/v1/login"):
+        r = await http.post(route, content=b"{", headers={"content-type": "application/json"})
+        err(r, 400, "invalid")
+        err(await http.post(route, json=[1, 2]), 400, "invalid")
+        err(await http.post(route, json={"user": "dave"}), 400, "invalid")
+        err(await http.post(route, json={"user": 5, "password": "password1"}), 400, "invalid")
+        err(await http.post(route, json={"user": "a b", "password": "password1"}), 400, "invalid")
+    short = {"user": "erin", "password": "short"}
+    assert (
+        "password"
+        in err(await http.post("/api/v1/register", json=short), 400, "invalid")["message"]
+    )
+    # Authentication.
+    for route in ("/api/v1/conversations", "/api/v1/search?q=x", "/api/v1/poll"):
+        err(await http.get(route), 401, "unauthorized")
+        err(await http.get(route, headers=bearer("nope")), 401, "unauthorized")
+        err(await http.get(route, headers={"Authorization": "Basic eDp5"}), 401, "unauthorized")
+    # History.
+    base = "/api/v1/conversations"
+    err(await http.get(f"{base}/d:dave:zed/messages?limit=0", headers=h), 400, "invalid")
+    err(await http.get(f"{base}/d:dave:zed/messages?limit=201", headers=h), 400, "invalid")
+    err(await http.get(f"{base}/d:dave:zed/messages?after_seq=x", headers=h), 400, "invalid")
+    err(await http.get(f"{base}/nonsense/messages", headers=h), 400, "invalid")
+    err(await http.get(f"{base}/d:alice:bob/messages", headers=h), 403, "forbidden")
+    err(await http.get(f"{base}/g:999/messages", headers=h), 404, "not_found")
+    r = await http.get(f"{base}/d:dave:zed/messages", headers=h)
+    assert r.status_code == 200 and r.json() == {"msgs": [], "more": False}
+    # Search.
+    err(await http.get("/api/v1/search", headers=h), 400, "invalid")
+    err(await http.get("/api/v1/search?q=", headers=h), 400, "invalid")
+    err(await http.get("/api/v1/search", params={"q": "x" * 257}, headers=h), 400, "invalid")
+    err(await http.get("/api/v1/search?q=x&limit=0", headers=h), 400, "invalid")
+    err(await http.get("/api/v1/search?q=x&limit=101", headers=h), 400, "invalid")
+    err(await http.get("/api/v1/search?q=x&before_mid=0", headers=h), 400, "invalid")
+    # Unknown routes and methods.
+    err(await http.get("/api/v1/nothing-here"), 404, "not_found")
+    err(await http.delete("/api/v1/conversations", headers=h), 405, "invalid")
+    # Admin: disabled without the token, 401 with a wrong one, 400 for bad bodies.
+    notice = {"kind": "system", "title": "t", "body": "b"}
+    err(await http.post("/api/v1/admin/notices", json=notice), 401, "unauthorized")
+    err(
+        await http.post("/api/v1/admin/notices", json=notice, headers=bearer("x" * 30)),
+        401,
+        "unauthorized",
+    )
+    admin = bearer(ADMIN)
+    err(
+        await http.post("/api/v1/admin/notices", json={"title": "t"}, headers=admin), 400, "invalid"
+    )
+    bad_users = {**notice, "users": ["nobody-here"]}
+    err(await http.post("/api/v1/admin/notices", json=bad_users, headers=admin), 404, "not_found")
+    big = {**notice, "body": "x" * 20_000}
+    err(await http.post("/api/v1/admin/notices", json=big, headers=admin), 413, "too_large")
+
+
+async def test_admin_notice_is_pushed_and_listed(http: httpx.AsyncClient, clients: Clients) -> None:
+    alice = await clients.user("alice", "ws-json")
+    r = await http.post(
+        "/api/v1/admin/notices",
+        json={"kind": "maintenance", "title": "维护", "body": "tonight", "users": ["alice"]},
+        headers=bearer(ADMIN),
+    )
+    assert r.status_code == 200, r.text
+    notice = r.json()
+    push = await alice.push("notice")
+    assert push["id"] == notice["id"] and push["title"] == "维护"
+    listed = await alice.ok("notices")
+    assert [n["id"] for n in listed["notices"]] == [notice["id"]]
+
+
+async def test_admin_api_disabled_without_token(db_dsn: str) -> None:
+    async with (
+        running_server(test_config(), db_dsn) as info,
+        httpx.AsyncClient(base_url=f"http://127.0.0.1:{info.http_port}") as http,
+    ):
+        r = await http.post("/api/v1/admin/notices", json={"body": "b"}, headers=bearer("x" * 30))
+        err(r, 403, "forbidden")
+
+
+async def test_metrics_parse_and_move_with_traffic(
+    http: httpx.AsyncClient, clients: Clients
+) -> None:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    async def scrape() -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+        r = await http.get("/metrics")
+        assert r.status_code == 200
+        assert r.headers["content-type"].startswith("text/plain")
+        out = {}
+        for family in text_string_to_metric_families(r.text):
+            for sample in family.samples:
+                out[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
+        return out
+
+    before = await scrape()
+    alice = await clients.user("alice")
+    bob = await clients.user("bob", "ws")
+    await befriend(alice, bob)
+    for i in range(3):
+        await alice.ok("send", to="bob", cid=f"m{i}", body="hi")
+    await alice.request("send", to="nobody-here", cid="x", body="hi")  # forbidden: not friends
+    after = await scrape()
+    assert (
+        after[("imserver_messages_accepted_total", ())]
+        - before.get(("imserver_messages_accepted_total", ()), 0)
+        == 3
+    )
+    assert after[("imserver_messages_delivered_total", ())] >= 3
+    assert after[("imserver_connections", (("transport", "tcp"),))] == 1
+    assert after[("imserver_connections", (("transport", "ws"),))] == 1
+    assert after[("imserver_sessions", ())] == 2
+    assert after[("imserver_batch_rows_count", ())] >= 1
+    assert after[("imserver_commit_seconds_bucket", (("le", "+Inf"),))] >= 1
+    assert after[("imserver_errors_total", (("code", "forbidden"),))] >= 1
+    assert after[("imserver_storage_up", ())] == 1
+    assert ("imserver_writer_queue", ()) in after
+    assert ("imserver_outbound_queue_depth", ()) in after
