@@ -222,6 +222,11 @@ class Page:
 
     # -- what the user does --
 
+    def navigate(self, url: str) -> None:
+        """Load another URL in this tab (sessionStorage, hence the session, stays)."""
+        self.driver.get(url)
+        self.wait("the client script", lambda: self.js("return !!window.imClient"))
+
     def load(self, url: str) -> None:
         self.driver.get(url)
         self.wait("login form", lambda: self.js("return !!document.getElementById('login-form')"))
@@ -271,6 +276,61 @@ class Page:
     def say(self, text: str) -> None:
         self.type(text)
         self.submit()
+
+
+class SilentProxy:
+    """A TCP proxy to the WebSocket port whose connections can go silent.
+
+    After :meth:`cut`, bytes of the connections open then (and of any opened
+    until :meth:`restore`) are swallowed both ways, with no close: a dead
+    network path that only the client's ping/pong can notice.
+    """
+
+    def __init__(self, target: int) -> None:
+        self.target = target
+        self.port = 0
+        self.holding = False
+        self.conns: list[dict[str, bool]] = []
+
+    async def serve(self, task_status: trio.TaskStatus[SilentProxy]) -> None:
+        listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+        self.port = listeners[0].socket.getsockname()[1]
+        task_status.started(self)
+        await trio.serve_listeners(self._handle, listeners)
+
+    def cut(self) -> None:
+        self.holding = True
+        for conn in self.conns:
+            conn["cut"] = True
+
+    def restore(self) -> None:
+        self.holding = False
+
+    async def _handle(self, client: trio.SocketStream) -> None:
+        conn = {"cut": self.holding}
+        self.conns.append(conn)
+        async with client:
+            if conn["cut"]:
+                await self._pump(client, None, conn)
+                return
+            upstream = await trio.open_tcp_stream("127.0.0.1", self.target)
+            async with upstream, trio.open_nursery() as nursery:
+                for src, dst in ((client, upstream), (upstream, client)):
+                    nursery.start_soon(self._pump, src, dst, conn, nursery.cancel_scope)
+
+    @staticmethod
+    async def _pump(
+        src: trio.SocketStream,
+        dst: trio.SocketStream | None,
+        conn: dict[str, bool],
+        done: trio.CancelScope | None = None,
+    ) -> None:
+        with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+            while data := await src.receive_some(65536):
+                if dst is not None and not conn["cut"]:
+                    await dst.send_all(data)
+        if done is not None:
+            done.cancel()  # one side closed: close both
 
 
 async def run(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
@@ -472,3 +532,30 @@ async def test_browser_chat_end_to_end(browser_paths: tuple[str, str], db_dsn: s
             await other.aclose()
             assert {"op": "kicked", "reason": "replaced"} in frames
             await carol.aclose()
+
+            # A connection that goes silent (no close, no pong). The page is
+            # reloaded (the session survives in sessionStorage) with ?ws= through
+            # a proxy and test knobs for the ping period and pong timeout.
+            async with trio.open_nursery() as nursery:
+                proxy = await nursery.start(SilentProxy(info2.ws_port).serve)
+                knobs = f"?ws=ws://127.0.0.1:{proxy.port}/ws&ping_s=1&pong_timeout_s=2"
+                await run(alice.navigate, url + knobs)
+                await run(alice.wait_status, "online")
+                await run(alice.wait_message, "Welcome back", own=False)
+                proxy.cut()
+                # This push goes into the void: alice must fill it in with history.
+                await run(bob.say, "Lost on the way")
+                await run(
+                    alice.wait,
+                    "pong timeout",
+                    lambda: (
+                        alice.js("return imClient.state.lastDisconnect") == "no pong within 2 s"
+                    ),
+                )
+                assert (await run(alice.status))[0] != "online"
+                proxy.restore()
+                await run(alice.wait_status, "online")
+                await run(alice.wait_message, "Lost on the way", own=False)
+                msgs = await run(alice.no_duplicates)
+                assert [m["body"] for m in msgs] == [*expected, "Lost on the way"]
+                nursery.cancel_scope.cancel()

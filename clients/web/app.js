@@ -17,8 +17,12 @@
 "use strict";
 
 (function () {
+  const params = new URLSearchParams(location.search);
   const BACKOFF_S = [0, 2, 5, 10, 30];
-  const PONG_TIMEOUT_MS = 10000;
+  // Test knobs: ?ping_s=N pings every N s instead of the server's `heartbeat`,
+  // ?pong_timeout_s=N gives up on a silent connection after N s instead of 10.
+  const PING_OVERRIDE_S = Number(params.get("ping_s")) || 0;
+  const PONG_TIMEOUT_MS = (Number(params.get("pong_timeout_s")) || 10) * 1000;
   const TYPING_SEND_EVERY_MS = 2500; // rate.typing_per_s is 2 with a burst of 5
   const TYPING_IDLE_MS = 4000; // after this without keystrokes we send typing off
   const TYPING_SHOW_MS = 6000; // a typing indicator without renewal fades out
@@ -35,7 +39,6 @@
   // Kicks after which reconnecting on our own would just kick someone else.
   const NO_AUTO_RECONNECT = new Set(["replaced", "too_many_devices"]);
 
-  const params = new URLSearchParams(location.search);
   const store = window.sessionStorage;
   const $ = (id) => document.getElementById(id);
 
@@ -143,6 +146,7 @@
     typingOn: false,
     typingIdleTimer: null,
     lastKick: null,
+    lastDisconnect: "",
     stats: { connects: 0, authOk: 0, resent: 0, gapFills: 0 },
   };
   store.setItem("im.device", state.device);
@@ -227,7 +231,7 @@
     // A connect or sign-in that hangs (no answer at all) counts as a lost connection.
     clearTimeout(state.connectTimer);
     state.connectTimer = setTimeout(() => {
-      if (state.ws === ws && !state.authed) dropSocket("no answer within 10 s");
+      if (state.ws === ws && !state.authed) dropSocket(`no answer within ${PONG_TIMEOUT_MS / 1000} s`);
     }, PONG_TIMEOUT_MS);
     ws.onopen = () => {
       if (state.pendingAuth) {
@@ -300,6 +304,7 @@
   }
 
   function onDisconnected(why) {
+    state.lastDisconnect = why;
     stopHeartbeat();
     clearTimeout(state.connectTimer);
     state.authed = false;
@@ -370,7 +375,7 @@
       if (!state.pongTimer) {
         state.pongTimer = setTimeout(() => {
           state.pongTimer = null;
-          dropSocket("no pong within 10 s");
+          dropSocket(`no pong within ${PONG_TIMEOUT_MS / 1000} s`);
         }, PONG_TIMEOUT_MS);
       }
     }, state.heartbeatS * 1000);
@@ -397,7 +402,7 @@
     state.authed = true;
     state.attempt = 0;
     state.stats.authOk++;
-    state.heartbeatS = reply.heartbeat || 30;
+    state.heartbeatS = PING_OVERRIDE_S || reply.heartbeat || 30;
     startHeartbeat();
     hideBanner();
     setStatus("online");
