@@ -149,7 +149,8 @@ class HttpSection:
     search_max_limit: int = _field(100, 1, 10_000)
     admin_token: str = _field("")
     static_dir: str = _field("")
-    max_connections: int = _field(1000, 1, 1_000_000)
+    max_requests: int = _field(1000, 1, 1_000_000)
+    keep_alive_s: float = _field(5.0, 0.1, 3600.0)
 
 
 @dataclasses.dataclass

@@ -522,3 +522,25 @@ async def test_metrics_parse_and_move_with_traffic(
     assert after[("imserver_storage_up", ())] == 1
     assert ("imserver_writer_queue", ()) in after
     assert ("imserver_outbound_queue_depth", ()) in after
+
+
+async def test_requests_in_progress_are_capped(db_dsn: str) -> None:
+    cfg = test_config(http={"port": 0, "max_requests": 2, "max_pollers_per_user": 4})
+    async with (
+        running_server(cfg, db_dsn) as info,
+        httpx.AsyncClient(base_url=f"http://127.0.0.1:{info.http_port}") as http,
+    ):
+        token = await register(http, "frank")
+        h = bearer(token)
+        cursor = (await http.get("/api/v1/poll", headers=h)).json()["cursor"]
+        params = {"cursor": cursor, "timeout": 5}
+        async with trio.open_nursery() as nursery:
+            for _ in range(2):
+                nursery.start_soon(
+                    functools.partial(http.get, "/api/v1/poll", params=params, headers=h)
+                )
+            await wait_for_pollers(info, 2)
+            err(await http.get("/healthz"), 503, "unavailable")
+            nursery.cancel_scope.cancel()
+        await wait_for_pollers(info, 0)
+        assert (await http.get("/healthz")).status_code == 200

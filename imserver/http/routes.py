@@ -32,7 +32,7 @@ from protocol.errors import ErrorCode, OpError
 from .. import __version__
 from ..storage.errors import StorageError
 from . import errors, metrics
-from .bodylimit import BodyLimit
+from .limits import RequestLimits
 
 if TYPE_CHECKING:
     from ..state import ServerState
@@ -277,11 +277,12 @@ def build_app(state: "ServerState") -> Any:
     if static is not None and static.is_dir():
         app.mount("/", StaticFiles(directory=static, html=True), name="web")
 
-    return BodyLimit(
+    return RequestLimits(
         app,
         small=cfg.http.max_json_body_bytes,
         big=cfg.http.max_body_bytes,
         big_prefix="/wechat/",
+        max_requests=cfg.http.max_requests,
     )
 
 

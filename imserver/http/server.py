@@ -38,7 +38,10 @@ async def serve_http(
     hc.errorlog = logging.getLogger("hypercorn.error")
     hc.graceful_timeout = cfg.server.shutdown_grace
     hc.h11_max_incomplete_size = MAX_HEADER_BYTES
-    hc.keep_alive_timeout = 75.0
+    hc.keep_alive_timeout = cfg.http.keep_alive_s
+    # Between two reads of one connection; above the longest long-poll, during
+    # which hypercorn keeps reading (to see the client go away).
+    hc.read_timeout = int(cfg.http.poll_max_timeout_s) + 30
     hc.include_server_header = False
     app = build_app(state)
     async with trio.open_nursery() as nursery:

@@ -1,6 +1,8 @@
-"""Request bodies are bounded before anything parses them.
+"""Requests are bounded before anything parses them: how many at once, and their bodies.
 
-A pure ASGI middleware: it reads the whole body (refusing a declared or
+A pure ASGI middleware. Beyond ``max_requests`` requests in progress
+(waiting long-polls included) a request is answered 503 ``unavailable`` at
+once. Otherwise it reads the whole body (refusing a declared or
 actual length over the route's limit with 413 ``too_large`` as soon as it is
 known), then hands it to the application in one piece. After that, the
 application's ``receive`` waits on the connection itself, so a long-poll
@@ -20,19 +22,34 @@ Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 
-class BodyLimit:
-    """Bound every request body: ``big`` under ``big_prefix``, else ``small`` bytes."""
+class RequestLimits:
+    """Bound requests in progress to ``max_requests``, and every request body:
+    ``big`` bytes under ``big_prefix``, else ``small``."""
 
-    def __init__(self, app: ASGIApp, *, small: int, big: int, big_prefix: str) -> None:
+    def __init__(
+        self, app: ASGIApp, *, small: int, big: int, big_prefix: str, max_requests: int
+    ) -> None:
         self.app = app
         self.small = small
         self.big = big
         self.big_prefix = big_prefix
+        self.max_requests = max_requests
+        self.in_progress = 0
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        if self.in_progress >= self.max_requests:
+            await _refuse(send, 503, "unavailable", "too many HTTP requests at once")
+            return
+        self.in_progress += 1
+        try:
+            await self._limited(scope, receive, send)
+        finally:
+            self.in_progress -= 1
+
+    async def _limited(self, scope: Scope, receive: Receive, send: Send) -> None:
         limit = self.big if scope["path"].startswith(self.big_prefix) else self.small
         for name, value in scope.get("headers", ()):
             if name == b"content-length":
