@@ -944,6 +944,10 @@ def run(args: argparse.Namespace) -> int:
         raise BenchError("--duration must be > 0 and --warmup >= 0")
     if args.warmup + args.duration > 100:
         raise BenchError("--warmup + --duration is capped at 100 s (a run stays under 2 minutes)")
+    if args.plot:
+        from . import plot
+
+        plot.require()
     if args.procs != 1:
         raise BenchError("fanout runs in one load-generator process (--procs 1)")
     common.check_loopback(args.host)
@@ -1004,6 +1008,7 @@ def run(args: argparse.Namespace) -> int:
             "tokens": {u: tokens[u] for u in users if u in tokens},
         }
         prev: dict[str, Any] = {}
+        timeline: list[tuple[float, float, float]] = []
 
         def progress_line(phase: str, t: float, latest: list[dict[str, Any]]) -> str:
             d = latest[0] if latest else {}
@@ -1013,6 +1018,7 @@ def run(args: argparse.Namespace) -> int:
                 for k in ("acked", "delivered")
             }
             prev.update(d, t=t)
+            timeline.append((t, rate["acked"], rate["delivered"]))
             return (
                 f"bench {phase:7s} {t:5.1f}s  acked {rate['acked']:6,.0f}/s  "
                 f"delivered {rate['delivered']:9,.0f}/s  inflight {d.get('inflight', 0):5,d}  "
@@ -1237,4 +1243,34 @@ def run(args: argparse.Namespace) -> int:
     if server_exit not in (None, 0):
         lines.append(f"  WARNING: server exited with code {server_exit}")
     common.emit(result, "\n".join(lines), args.json)
+    if args.plot:
+        from . import plot
+
+        ack_ms = [x / 1e6 for x in _samples(r, "ack_lat")]
+        del_ms = [x / 1e6 for x in _samples(r, "del_lat")]
+        title = (
+            f"bench fanout: {args.members} members ({mix}), {args.rate:,.0f} msg/s offered; "
+            f"{result['delivered_per_s']:,.0f} deliveries/s\n"
+        )
+        path = plot.write(
+            plot.png_path(args.json, "fanout", result["date"]),
+            title + plot.subtitle(result),
+            [
+                (
+                    "cdf",
+                    "latency (scheduled or actual send -> ack / delivery), measured window",
+                    {"send->ack": ack_ms, "send->delivery": del_ms},
+                ),
+                (
+                    "series",
+                    "throughput over time (warmup, window, drain; per second)",
+                    "per second",
+                    {
+                        "acked/s": ([x[0] for x in timeline], [x[1] for x in timeline]),
+                        "delivered/s": ([x[0] for x in timeline], [x[2] for x in timeline]),
+                    },
+                ),
+            ],
+        )
+        print(f"bench: plot written to {path}", file=sys.stderr)
     return 1 if bad else 0

@@ -443,6 +443,10 @@ def run(args: argparse.Namespace) -> int:
         raise BenchError("--duration must be > 0 and --warmup >= 0")
     if args.warmup + args.duration > 100:
         raise BenchError("--warmup + --duration is capped at 100 s (a run stays under 2 minutes)")
+    if args.plot:
+        from . import plot
+
+        plot.require()
     procs = max(1, min(args.procs, args.pairs))
     common.check_loopback(args.host)
     port = args.port or common.DEFAULT_PORTS[args.transport]
@@ -500,6 +504,7 @@ def run(args: argparse.Namespace) -> int:
             )
 
         prev: dict[str, Any] = {}
+        timeline: list[tuple[float, float, float]] = []
 
         def progress_line(phase: str, t: float, latest: list[dict[str, Any]]) -> str:
             tot = {
@@ -511,6 +516,7 @@ def run(args: argparse.Namespace) -> int:
                 k: (tot[k] - prev.get(k, 0)) / dt if dt > 0 else 0.0 for k in ("acked", "delivered")
             }
             prev.update(tot, t=t)
+            timeline.append((t, rate["acked"], rate["delivered"]))
             return (
                 f"bench {phase:7s} {t:5.1f}s  acked {rate['acked']:8,.0f}/s  "
                 f"delivered {rate['delivered']:8,.0f}/s  inflight {tot['inflight']:6,d}  "
@@ -721,4 +727,34 @@ def run(args: argparse.Namespace) -> int:
     if server_exit not in (None, 0):
         lines.append(f"  WARNING: server exited with code {server_exit}")
     common.emit(result, "\n".join(lines), args.json)
+    if args.plot:
+        from . import plot
+
+        ack_ms = [x / 1e6 for x in _samples(results, "ack_lat")]
+        del_ms = [x / 1e6 for x in _samples(results, "del_lat")]
+        title = (
+            f"bench pairs: {args.transport}, {mode}, {args.pairs} pairs; "
+            f"acked {result['acked_per_s']:,.0f}/s\n"
+        )
+        path = plot.write(
+            plot.png_path(args.json, "pairs", result["date"]),
+            title + plot.subtitle(result),
+            [
+                (
+                    "cdf",
+                    "latency (scheduled or actual send -> ack / delivery), measured window",
+                    {"send->ack": ack_ms, "send->delivery": del_ms},
+                ),
+                (
+                    "series",
+                    "throughput over time (warmup, window, drain; per second)",
+                    "per second",
+                    {
+                        "acked/s": ([x[0] for x in timeline], [x[1] for x in timeline]),
+                        "delivered/s": ([x[0] for x in timeline], [x[2] for x in timeline]),
+                    },
+                ),
+            ],
+        )
+        print(f"bench: plot written to {path}", file=sys.stderr)
     return 1 if bad else 0

@@ -62,7 +62,12 @@ def _cdf(ax: Any, title: str, series: dict[str, Sequence[float]]) -> None:
     ax.set_xlabel("latency, ms (log)")
     ax.set_ylabel("fraction of samples")
     if drawn:
+        from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+
         ax.set_xscale("log")
+        ax.xaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda x, _: f"{x:g}"))
+        ax.xaxis.set_minor_formatter(NullFormatter())
         ax.axhline(0.99, color="grey", lw=0.6, ls=":")
         ax.axhline(0.5, color="grey", lw=0.6, ls=":")
         ax.legend(fontsize=8, loc="lower right")
