@@ -181,26 +181,35 @@ class Page:
 
     # -- what the page shows --
 
-    def status(self) -> tuple[str, str]:
-        return self.js(
+    def status(self) -> list[str]:
+        """[state, text] of the connection status in the top bar."""
+        state: list[str] = self.js(
             "const s = document.getElementById('status');"
             "return [s.dataset.state, document.getElementById('status-text').textContent];"
         )
+        return state
 
     def text(self, element_id: str) -> str:
-        return self.js(f"return document.getElementById('{element_id}').textContent;")
+        text: str = self.js(f"return document.getElementById('{element_id}').textContent;")
+        return text
 
     def messages(self) -> list[dict[str, Any]]:
-        return self.js(_MESSAGES_JS)
+        msgs: list[dict[str, Any]] = self.js(_MESSAGES_JS)
+        return msgs
 
     def convs(self) -> list[dict[str, Any]]:
-        return self.js(_CONVS_JS)
+        convs: list[dict[str, Any]] = self.js(_CONVS_JS)
+        return convs
 
     def friends(self) -> dict[str, str]:
-        return self.js(_FRIENDS_JS)
+        friends: dict[str, str] = self.js(_FRIENDS_JS)
+        return friends
 
-    def wait_status(self, state: str, timeout: float = WAIT_S) -> tuple[str, str]:
-        return self.wait(f"status {state}", lambda: (s := self.status())[0] == state and s, timeout)
+    def wait_status(self, state: str, timeout: float = WAIT_S) -> list[str]:
+        got: list[str] = self.wait(
+            f"status {state}", lambda: (s := self.status())[0] == state and s, timeout
+        )
+        return got
 
     def wait_message(self, body: str, **expect: Any) -> dict[str, Any]:
         def found() -> dict[str, Any] | None:
@@ -209,7 +218,8 @@ class Page:
                     return m
             return None
 
-        return self.wait(f"message {body!r} {expect}", found)
+        msg: dict[str, Any] = self.wait(f"message {body!r} {expect}", found)
+        return msg
 
     def no_duplicates(self) -> list[dict[str, Any]]:
         msgs = self.messages()
@@ -374,14 +384,17 @@ async def next_push(client: TestClient, op: str, **match: Any) -> dict[str, Any]
 async def test_browser_chat_end_to_end(browser_paths: tuple[str, str], db_dsn: str) -> None:
     alice_bob = "d:alice:bob"
     alice_carol = "d:alice:carol"
-    cfg = test_config()
+    # A short grace: the restart below then fits in the page's 2 s back-off.
+    cfg = test_config(server={"shutdown_grace": 0.5})
     async with browsers(browser_paths, "alice", "bob") as (alice, bob):
         async with running_server(cfg, db_dsn) as info:
+            assert info.tcp_port and info.ws_port and info.http_port
             ports = {"tcp": info.tcp_port, "websocket": info.ws_port, "http": info.http_port}
             # The HTTP shim serves the page at /, and /api/v1/info tells it the WebSocket port.
             url = f"http://127.0.0.1:{info.http_port}/"
             await run(alice.load, url)
             await run(bob.load, url + "?encoding=json")  # bob speaks JSON text frames
+            await run(alice.screenshot, "login")
             assert (await run(alice.status))[0] == "offline"
             ws_url = f"ws://127.0.0.1:{info.ws_port}{cfg.websocket.path}"
             await run(
@@ -462,8 +475,9 @@ async def test_browser_chat_end_to_end(browser_paths: tuple[str, str], db_dsn: s
         await run(alice.wait_message, "Written while offline", pending=True, status="sending…")
         await run(alice.screenshot, "reconnecting")
 
-        cfg2 = test_config(**{k: {"port": v} for k, v in ports.items()})
+        cfg2 = test_config(**{k: {"port": v} for k, v in ports.items()})  # the same ports
         async with running_server(cfg2, db_dsn) as info2:
+            assert info2.tcp_port and info2.ws_port
             carol = await TestClient.tcp(info2.tcp_port)
             await carol.login("carol", register=False)
             await carol.ok("send", to="alice", cid="c-2", body="Sent while you were away")
@@ -538,10 +552,24 @@ async def test_browser_chat_end_to_end(browser_paths: tuple[str, str], db_dsn: s
             # a proxy and test knobs for the ping period and pong timeout.
             async with trio.open_nursery() as nursery:
                 proxy = await nursery.start(SilentProxy(info2.ws_port).serve)
-                knobs = f"?ws=ws://127.0.0.1:{proxy.port}/ws&ping_s=1&pong_timeout_s=2"
+                knobs = f"?ws=ws://127.0.0.1:{proxy.port}/ws&ping_s=1&pong_timeout_s=2&page=2"
                 await run(alice.navigate, url + knobs)
                 await run(alice.wait_status, "online")
+                # History comes in pages of 2 now: the last two, then older ones on demand.
                 await run(alice.wait_message, "Welcome back", own=False)
+                assert [m["body"] for m in await run(alice.messages)] == expected[-2:]
+                for shown in (4, 5):
+                    await run(alice.click, "#older-btn:not([hidden])")
+                    await run(
+                        alice.wait, f"{shown} messages", lambda n=shown: len(alice.messages()) == n
+                    )
+                await run(alice.wait_message, tricky, own=True, status="read")
+                await run(
+                    alice.wait,
+                    "no more pages",
+                    lambda: alice.js("return document.getElementById('older-btn').hidden"),
+                )
+                assert [m["body"] for m in await run(alice.no_duplicates)] == expected
                 proxy.cut()
                 # This push goes into the void: alice must fill it in with history.
                 await run(bob.say, "Lost on the way")

@@ -26,7 +26,7 @@
   const TYPING_SEND_EVERY_MS = 2500; // rate.typing_per_s is 2 with a burst of 5
   const TYPING_IDLE_MS = 4000; // after this without keystrokes we send typing off
   const TYPING_SHOW_MS = 6000; // a typing indicator without renewal fades out
-  const PAGE = 50;
+  const PAGE = Math.min(200, Number(params.get("page")) || 50); // ?page=N: history page size
   const FILL_PAGE = 200;
   const KICK_TEXT = {
     replaced: "this device signed in again elsewhere (replaced)",
@@ -139,8 +139,10 @@
     recvWant: new Map(), // conv -> highest seq received by push
     recvSent: new Map(), // conv -> highest seq we reported delivered
     recvTimer: null,
-    peerRead: new Map(), // conv -> peer's read cursor (receipts)
-    peerDelivered: new Map(),
+    // The peer's cursors from `receipt` pushes (sync does not carry them, so
+    // they are kept for the tab's life in sessionStorage).
+    peerRead: new Map(loadJSON("im.peerRead", [])),
+    peerDelivered: new Map(loadJSON("im.peerDelivered", [])),
     typing: new Map(), // conv -> Map(user -> expiry ms)
     typingSentAt: 0,
     typingOn: false,
@@ -436,7 +438,12 @@
     state.token = "";
     state.user = "";
     state.outbox = [];
-    for (const k of ["im.token", "im.user", "im.outbox"]) store.removeItem(k);
+    state.peerRead.clear();
+    state.peerDelivered.clear();
+    state.readSent.clear();
+    for (const k of ["im.token", "im.user", "im.outbox", "im.open", "im.peerRead", "im.peerDelivered"]) {
+      store.removeItem(k);
+    }
   }
 
   async function refreshAll() {
@@ -610,10 +617,16 @@
   async function loadOlder() {
     const conv = state.open;
     const b = conv && state.msgs.get(conv);
-    if (!b || !b.more || !b.low) return;
+    if (!b || !b.more || !b.low || b.loadingOlder) return;
     const list = $("messages");
     const fromBottom = list.scrollHeight - list.scrollTop;
-    const r = await request("history", { conv, before_seq: b.low, limit: PAGE });
+    b.loadingOlder = true;
+    let r;
+    try {
+      r = await request("history", { conv, before_seq: b.low, limit: PAGE });
+    } finally {
+      b.loadingOlder = false;
+    }
     const msgs = r.msgs || [];
     for (const m of msgs) putMsg(conv, m);
     if (msgs.length) b.low = msgs[0].seq;
@@ -844,6 +857,8 @@
     if (f.delivered !== undefined && f.delivered !== null) {
       state.peerDelivered.set(f.conv, Math.max(state.peerDelivered.get(f.conv) || 0, f.delivered));
     }
+    store.setItem("im.peerRead", JSON.stringify(Array.from(state.peerRead)));
+    store.setItem("im.peerDelivered", JSON.stringify(Array.from(state.peerDelivered)));
     if (state.open === f.conv) renderChat();
   }
 
