@@ -1224,8 +1224,9 @@
     state.pendingAuth = { op, user, password };
     state.attempt = 0;
     $("login-error").textContent = "";
-    if (state.ws) detach(state.ws);
+    closeQuietly(state.ws);
     state.ws = null;
+    clearTimeout(state.reconnectTimer);
     connect();
   }
 
