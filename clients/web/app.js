@@ -172,6 +172,7 @@
       const r = await fetch("/api/v1/info", { headers: { Accept: "application/json" } });
       if (!r.ok) throw new Error(`HTTP ${r.status}`);
       const info = await r.json();
+      if (info.ws_url) return info.ws_url; // a full URL, when the server knows better (proxies)
       const path = info.ws_path || "/ws";
       return `${scheme}//${hostPart}:${info.ws_port}${path}`;
     } catch (e) {
