@@ -606,6 +606,7 @@ class SpawnedServer:
         self.host = host
         self.proc: subprocess.Popen[bytes] | None = None
         self.exit_code: int | None = None
+        self.stop_s: float | None = None
         self._log_start = 0
         cfg = tomllib.loads(config.read_text())
         self.tcp_port = int(cfg.get("tcp", {}).get("port", 7700))
@@ -663,11 +664,16 @@ class SpawnedServer:
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
 
-    def stop(self, timeout: float = 30.0) -> int | None:
-        """SIGTERM, wait (graceful shutdown flushes and stops PostgreSQL), else SIGKILL."""
+    def stop(self, timeout: float = 90.0) -> int | None:
+        """SIGTERM, wait (graceful shutdown flushes and stops PostgreSQL), else SIGKILL.
+
+        ``stop_s`` is how long the graceful shutdown took (it grows with the
+        connections open: each is kicked with ``shutdown``).
+        """
         if self.proc is None:
             return None
         if self.proc.poll() is None:
+            t = time.monotonic()
             self.proc.send_signal(signal.SIGTERM)
             try:
                 self.proc.wait(timeout)
@@ -678,6 +684,7 @@ class SpawnedServer:
                 )
                 self.proc.kill()
                 self.proc.wait()
+            self.stop_s = round(time.monotonic() - t, 2)
         self.exit_code = self.proc.returncode
         return self.exit_code
 

@@ -32,8 +32,10 @@ from __future__ import annotations
 import argparse
 import array
 import contextlib
+import heapq
 import math
 import os
+import random
 import select
 import sys
 import time
@@ -238,29 +240,22 @@ async def _run_idle(spec: dict[str, Any], link: common.WorkerLink) -> dict[str, 
                 await trio.lowlevel.checkpoint()
 
     async def pinger() -> None:
-        # Every TICK_S, ping the next share of the authenticated connections,
-        # so each one pings every spec["ping"] seconds, evenly spread.
+        # Each connection pings every spec["ping"] seconds; its first ping
+        # comes at a random point of the first interval after it
+        # authenticated, so the pings of all connections are spread evenly.
         tcp_ping = common.TcpConn.encode([{"op": "ping", "rid": 1}])
         raw_ping = msgpack.packb({"op": "ping", "rid": 1})
-        pos = 0.0
-        share = TICK_S / spec["ping"]
-        next_t = trio.current_time()
+        interval = int(spec["ping"] * NS)
         while True:
-            next_t += TICK_S
-            await trio.sleep_until(next_t)
-            n = len(authed)
-            if not n:
-                continue
-            pos += n * share
-            k = int(pos)
-            pos -= k
+            await trio.sleep(TICK_S)
             now = now_ns()
-            for _ in range(min(k, n)):
-                c = authed[ping_at[0] % n]
-                ping_at[0] += 1
+            while due and due[0][0] <= now:
+                _, j = heapq.heappop(due)
+                c = conns[j]
                 sock = c.sock
                 if sock is None:
                     continue
+                heapq.heappush(due, (now + interval, j))
                 try:
                     sock.send(_ws_frame(0x2, raw_ping) if c.ws else tcp_ping)
                     counters["pings"] += 1
@@ -271,10 +266,12 @@ async def _run_idle(spec: dict[str, Any], link: common.WorkerLink) -> dict[str, 
                 except OSError:
                     lost(c)
 
-    ping_at = [0]
+    due: list[tuple[int, int]] = []  # (next ping time, index in conns)
+    rng = random.Random(os.getpid())
 
-    async def open_one(c: IdleConn) -> None:
+    async def open_one(j: int) -> None:
         nonlocal t_last
+        c = conns[j]
         port = spec["ws_port"] if c.ws else spec["tcp_port"]
         source = f"127.0.0.{2 + c.idx % sources}" if sources else None
         async with limiter:
@@ -320,6 +317,7 @@ async def _run_idle(spec: dict[str, Any], link: common.WorkerLink) -> dict[str, 
             link.tokens({c.user: tok})
         c.authed = True
         authed.append(c)
+        heapq.heappush(due, (done + int(rng.random() * spec["ping"] * NS), j))
         if c.sock is not None:
             by_fd[c.fd] = c
             ep.register(c.fd, select.EPOLLIN)
@@ -348,8 +346,8 @@ async def _run_idle(spec: dict[str, Any], link: common.WorkerLink) -> dict[str, 
             background.start_soon(pinger)
             background.start_soon(reporter)
             async with trio.open_nursery() as n:
-                for c in conns:
-                    n.start_soon(open_one, c)
+                for j in range(len(conns)):
+                    n.start_soon(open_one, j)
             setup_end = now_ns()
             link.progress(snapshot())
             link.ready({"authed": len(authed)})
@@ -662,6 +660,7 @@ def run(args: argparse.Namespace) -> int:
         "cpu_contended": contended,
         "loadavg_1m_after": round(os.getloadavg()[0], 2),
         "server_exit_code": server_exit,
+        "server_stop_s": server.stop_s if server is not None else None,
         "server_log_problems": len(problems),
     }
     mix = f"{result['conns_tcp']:,} tcp + {result['conns_ws']:,} ws"

@@ -729,6 +729,7 @@ def run(args: argparse.Namespace) -> int:
         "cpu_contended": contended,
         "loadavg_1m_after": round(os.getloadavg()[0], 2),
         "server_exit_code": server_exit,
+        "server_stop_s": server.stop_s if server is not None else None,
         "server_log_problems": len(problems),
     }
     del result["base"]
