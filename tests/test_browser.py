@@ -1,11 +1,12 @@
 """End to end: the browser client (clients/web) in real headless Chromium.
 
-Two Chromium instances (alice, bob), driven by Selenium with Debian's
-chromium and its version-matched chromedriver, talk to the real server and to
-a Python client (carol, tests/client.py) over TCP. The test proves, through
-what the pages show:
+Two Chromium instances (alice on MessagePack, bob on JSON text frames),
+driven by Selenium with Debian's chromium and its version-matched
+chromedriver, load the page from the HTTP shim (which tells them the WebSocket
+port at /api/v1/info) and talk to the real server and to a Python client
+(carol, tests/client.py, over TCP). Through what the pages show, it proves:
 
-- register from the login form, friend request and accept in the page, and
+- register and log in from the form, friend request and accept in the page,
   presence of friends (online, then offline when carol disconnects);
 - messages both ways between the two pages and between a page and carol, with
   user text shown as text (an HTML-looking body stays literal);
@@ -13,19 +14,24 @@ what the pages show:
   the sender's own message once the other page has it open; carol receives
   the ``receipt`` push), unread counts in the conversation list;
 - a server restart: the status shows the ``shutdown`` kick and "Reconnecting
-  in N s", a message written while offline waits as "sending…", and after the
+  in N s", a message written while offline waits as "sending…"; after the
   restart the pages are online again, the offline message is delivered once,
-  a message carol sent while the page was away is filled in with ``history``;
+  and a message carol sent while the page was away is filled in;
 - a send whose connection drops before its reply is re-sent with its original
-  ``cid`` and appears exactly once on both sides;
-- a ``replaced`` kick is shown and does not reconnect on its own.
+  ``cid`` and shows exactly once on both sides;
+- a ``replaced`` kick is shown and not fought back automatically;
+- after a reload (the session survives in sessionStorage), history pages in
+  on demand; a connection that goes silent (a proxy swallows its bytes, no
+  close) is given up on pong timeout, and the push lost in it is filled in
+  with ``history``;
+- after logout and a password login the conversation list comes from sync.
 
 Selenium's blocking calls run in worker threads (``trio.to_thread``) while the
 server runs in the test's Trio loop. Screenshots go to
 ``$IMSERVER_TEST_ARTIFACTS`` (default ``test-artifacts/`` in the repo).
 
 Without chromium, chromedriver or selenium the test is skipped, or fails when
-``CI`` is set (scripts/install-browser-deps installs them).
+``CI`` is set (scripts/install-browser-deps installs the first two).
 """
 
 from __future__ import annotations
@@ -241,13 +247,15 @@ class Page:
         self.driver.get(url)
         self.wait("login form", lambda: self.js("return !!document.getElementById('login-form')"))
 
-    def register(self, user: str) -> None:
+    def sign_in(self, user: str, *, register: bool = True) -> None:
+        """Fill in the login form and press Register (or Log in)."""
         from selenium.webdriver.common.by import By
 
         d = self.driver
-        d.find_element(By.ID, "login-user").send_keys(user)
-        d.find_element(By.ID, "login-password").send_keys(PASSWORD)
-        d.find_element(By.ID, "btn-register").click()
+        for field, value in (("login-user", user), ("login-password", PASSWORD)):
+            d.find_element(By.ID, field).clear()
+            d.find_element(By.ID, field).send_keys(value)
+        d.find_element(By.ID, "btn-register" if register else "btn-login").click()
         self.wait_status("online")
         self.wait(
             "the app view", lambda: self.js("return !document.getElementById('app-view').hidden")
@@ -400,8 +408,8 @@ async def test_browser_chat_end_to_end(browser_paths: tuple[str, str], db_dsn: s
             await run(
                 alice.wait, "ws url", lambda: alice.js("return imClient.state.wsUrl") == ws_url
             )
-            await run(alice.register, "alice")
-            await run(bob.register, "bob")
+            await run(alice.sign_in, "alice")
+            await run(bob.sign_in, "bob")
             assert await run(bob.js, "return window.imClient.state.json") is True
 
             carol = await TestClient.tcp(info.tcp_port)
@@ -587,3 +595,14 @@ async def test_browser_chat_end_to_end(browser_paths: tuple[str, str], db_dsn: s
                 msgs = await run(alice.no_duplicates)
                 assert [m["body"] for m in msgs] == [*expected, "Lost on the way"]
                 nursery.cancel_scope.cancel()
+
+            # Log out and back in with the password: the list comes back from sync.
+            await run(bob.click, "#logout-btn")
+            await run(bob.wait_status, "offline")
+            await run(bob.sign_in, "bob", register=False)
+
+            def alice_row() -> bool:
+                row = next((c for c in bob.convs() if c["conv"] == alice_bob), None)
+                return bool(row and row["last"] == "You: Lost on the way" and row["unread"] == 0)
+
+            await run(bob.wait, "the conversation list after login", alice_row)
