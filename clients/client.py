@@ -728,13 +728,16 @@ class Client(Operations):
             await self._state.wait()
 
     async def _wait_connected(self) -> _Connection:
-        """A connection on which no one has authenticated yet."""
+        """A connection to authenticate on (the supervisor re-authenticates by itself)."""
         while True:
             if self._closed_reason is not None:
                 raise ClientClosed(self._closed_reason)
             conn = self._conn
-            if conn is not None and not conn.closed.is_set() and not conn.authenticated:
-                return conn
+            if conn is not None and not conn.closed.is_set():
+                if not conn.authenticated and self.token is None:
+                    return conn  # a fresh connection
+                if conn.authenticated and self._ready:
+                    return conn  # already authenticated: the server says conflict
             if self._connect_error is not None and self.token is None:
                 raise ConnectionLost(self._connect_error)
             await self._state.wait()

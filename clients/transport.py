@@ -115,9 +115,19 @@ class WsTransport:
         self._ws = ws
         self._text = text
         self._buffer: collections.deque[dict[str, Any]] = collections.deque()
+        self._failed: str | None = None
+        self._recv_scope: trio.CancelScope | None = None
+
+    def fail(self, reason: str) -> None:
+        """trio-websocket's own task died: end :meth:`receive` with :class:`TransportClosed`."""
+        self._failed = reason
+        if self._recv_scope is not None:
+            self._recv_scope.cancel()
 
     async def send(self, frame: dict[str, Any]) -> None:
         """Write one frame as one message."""
+        if self._failed is not None:
+            raise TransportClosed(self._failed)
         try:
             await self._ws.send_message(encode_ws(frame, text=self._text))
         except trio_websocket.ConnectionClosed as exc:
@@ -128,8 +138,15 @@ class WsTransport:
     async def receive(self) -> dict[str, Any]:
         """The next frame (a binary message may hold several)."""
         while not self._buffer:
+            if self._failed is not None:
+                raise TransportClosed(self._failed)
             try:
-                message = await self._ws.get_message()
+                with trio.CancelScope() as scope:
+                    self._recv_scope = scope
+                    message = await self._ws.get_message()
+                self._recv_scope = None
+                if scope.cancelled_caught:
+                    raise TransportClosed(self._failed or "WebSocket failed")
             except trio_websocket.ConnectionClosed as exc:
                 raise TransportClosed(str(exc.reason.reason or ""), exc.reason.code) from exc
             except _IO_ERRORS as exc:
@@ -193,11 +210,43 @@ async def open_transport(
         return TcpTransport(stream)
     if kind != "ws":
         raise ValueError(f"unknown transport {kind!r}")
-    url = f"ws://{host}:{port}{path}"
+    stream = await trio.open_tcp_stream(host, port)
     try:
-        ws = await trio_websocket.connect_websocket_url(
-            nursery, url, max_message_size=MAX_MESSAGE_BYTES
+        transport: WsTransport = await nursery.start(
+            _run_ws, stream, f"{host}:{port}", path, encoding == "json"
         )
-    except trio_websocket.HandshakeError as exc:
-        raise OSError(f"WebSocket handshake with {url} failed: {exc}") from exc
-    return WsTransport(ws, text=(encoding == "json"))
+    except BaseException:
+        await trio.aclose_forcefully(stream)
+        raise
+    return transport
+
+
+async def _run_ws(
+    stream: trio.SocketStream,
+    host: str,
+    path: str,
+    text: bool,
+    task_status: trio.TaskStatus[WsTransport],
+) -> None:
+    """Own one WebSocket and contain the failures of trio-websocket's reader task.
+
+    That task may die of h11/wsproto errors (e.g. when the port is not a
+    WebSocket server); they end the transport instead of the caller's nursery.
+    """
+    transport: WsTransport | None = None
+    failure: BaseException | None = None
+    try:
+        async with trio.open_nursery() as inner:
+            ws = await trio_websocket.wrap_client_stream(
+                inner, stream, host, path, max_message_size=MAX_MESSAGE_BYTES
+            )
+            transport = WsTransport(ws, text=text)
+            task_status.started(transport)
+    except* Exception as group:  # noqa: BLE001 - contained on purpose; Cancelled is not an Exception
+        failure = group.exceptions[0]
+    if failure is None:
+        return
+    await trio.aclose_forcefully(stream)
+    if transport is None:
+        raise OSError(f"WebSocket ws://{host}{path} failed: {failure!r}") from failure
+    transport.fail(f"WebSocket failed: {failure!r}")

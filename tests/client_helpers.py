@@ -108,8 +108,8 @@ class Users:
 
     def client(self, **options: Any) -> Client:
         """A client (not started) for this transport."""
-        port = self.tcp_port if self.transport == "tcp" else self.ws_port
         options.setdefault("transport", self.transport)
+        port = self.tcp_port if options["transport"] == "tcp" else self.ws_port
         options.setdefault("encoding", self.encoding)
         return Client("127.0.0.1", options.pop("port", port), **options)
 
