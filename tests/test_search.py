@@ -21,7 +21,7 @@ from hypothesis import given, settings, target
 from hypothesis import strategies as st
 
 from imserver.storage.db import Storage
-from imserver.storage.search import like_pattern, q_search, search_sql
+from imserver.storage.search import MAX_LIMIT, like_pattern, q_search, search_sql
 
 from .conftest import Clients, befriend
 
@@ -301,6 +301,13 @@ async def test_empty_and_impossible_queries(storage: Storage) -> None:
     assert await search(storage, "alice", "some", conv="g:\x00") == ([], False)
     with pytest.raises(ValueError, match="limit"):
         await search(storage, "alice", "some", limit=0)
+    with pytest.raises(ValueError, match="limit"):
+        await search(storage, "alice", "some", limit=MAX_LIMIT + 1)
+    assert len((await search(storage, "alice", "some", limit=MAX_LIMIT))[0]) == 1
+    # Out-of-range page bounds from a client are no driver error.
+    assert await search(storage, "alice", "some", before_mid=1) == ([], False)
+    assert await search(storage, "alice", "some", before_mid=-(2**70)) == ([], False)
+    assert len((await search(storage, "alice", "some", before_mid=2**70))[0]) == 1
     assert await search(storage, "nobody", "some") == ([], False)
 
 
