@@ -602,6 +602,7 @@ class Client(Operations):
             pass
 
     def _send_replied(self, entry: _OutboxEntry, frame: dict[str, Any]) -> None:
+        log.debug("send %s answered: %r", entry.cid, frame)
         if entry.done.is_set():
             return
         entry.reply = frame
@@ -993,6 +994,7 @@ class Client(Operations):
         rid = next(self._rids)
         entry.conn = conn
         conn.pending[rid] = entry
+        log.debug("send %s on connection %d (rid %d)", entry.cid, conn.id, rid)
         await conn.write({**entry.frame, "rid": rid})
 
     @property
