@@ -142,24 +142,23 @@ def build_app(state: "ServerState") -> Any:
 
     # -- accounts --------------------------------------------------------------
 
-    async def _credentials(op: str, body: Credentials) -> dict[str, Any]:
-        return schema.validate({"op": op, **body.model_dump()})
+    async def _token_for(op: str, body: Credentials, request: Request) -> dict[str, str]:
+        """Register or check the password (framed rules and rate limits), then a token."""
+        f = schema.validate({"op": op, **body.model_dump()})
+        check = state.auth.register if op == "register" else state.auth.check_password
+        await check(f["user"], f["password"], client_host(request))
+        token, _ = await state.auth.issue_token(f["user"], f["device"])
+        return {"user": f["user"], "token": token}
 
     @app.post("/api/v1/register", tags=["accounts"])
     async def register(body: Credentials, request: Request) -> dict[str, str]:
         """Create a user (when open registration is on) and a token for ``device``."""
-        f = await _credentials("register", body)
-        await state.auth.register(f["user"], f["password"], client_host(request))
-        token, _ = await state.auth.issue_token(f["user"], f["device"])
-        return {"user": f["user"], "token": token}
+        return await _token_for("register", body, request)
 
     @app.post("/api/v1/login", tags=["accounts"])
     async def login(body: Credentials, request: Request) -> dict[str, str]:
         """Check a password and hand out a token for ``device``."""
-        f = await _credentials("login", body)
-        await state.auth.check_password(f["user"], f["password"], client_host(request))
-        token, _ = await state.auth.issue_token(f["user"], f["device"])
-        return {"user": f["user"], "token": token}
+        return await _token_for("login", body, request)
 
     # -- reading ---------------------------------------------------------------
 
