@@ -643,10 +643,13 @@ class Client(Operations):
                     if self._overflow:
                         self._overflow = False
                         await self._resync(announce=True)
-                except (ConnectionLost, RequestTimeout, Unavailable) as exc:
-                    # The resync after the next authentication covers it.
+                except (ConnectionLost, RequestTimeout, RequestError) as exc:
+                    # Retried with a resync after the next item (and after
+                    # every authentication anyway).
                     log.info("catching up interrupted: %r", exc)
                     self._overflow = True
+                    if isinstance(exc, RateLimited | Unavailable):
+                        await trio.sleep(exc.retry_after or 1.0)
         except (ClientClosed, trio.ClosedResourceError, trio.BrokenResourceError):
             return
 

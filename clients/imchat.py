@@ -104,7 +104,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--user", default=os.environ.get("IMCHAT_USER"))
     p.add_argument("--password", help="or set IMCHAT_PASSWORD")
     p.add_argument("--register", action="store_true", help="create the user first")
-    p.add_argument("--device", default="imchat")
+    p.add_argument(
+        "--device",
+        default=None,
+        help="device name (default: imchat for the TUI, imchat-tail, imchat-cli otherwise)",
+    )
     p.add_argument("--timeout", type=float, default=10.0, help="request timeout (s)")
     sub = p.add_subparsers(dest="command")
     sub.add_parser("chat", help="the interactive TUI (the default)")
@@ -128,6 +132,14 @@ def build_parser() -> argparse.ArgumentParser:
 # --------------------------------------------------------------- session
 
 
+def _default_device(command: str | None) -> str:
+    # One connection per (user, device): a one-shot command must not replace
+    # the TUI or a running tail (PROTOCOL.md §3.5).
+    if command in (None, "chat"):
+        return "imchat"
+    return "imchat-tail" if command == "tail" else "imchat-cli"
+
+
 @contextlib.asynccontextmanager
 async def session(args: argparse.Namespace, *, interactive: bool) -> AsyncIterator[Client]:
     """A logged-in client for ``args``; saves a new token, uses a saved one."""
@@ -139,7 +151,7 @@ async def session(args: argparse.Namespace, *, interactive: bool) -> AsyncIterat
         port,
         transport=args.transport,
         encoding="json" if args.json else "msgpack",
-        device=args.device,
+        device=args.device or _default_device(args.command),
         request_timeout=args.timeout,
         send_timeout=max(args.timeout, 30.0),
     )

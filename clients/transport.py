@@ -68,6 +68,13 @@ class Transport(Protocol):
 _IO_ERRORS = (trio.BrokenResourceError, trio.ClosedResourceError, OSError)
 
 
+def _closed(exc: trio_websocket.ConnectionClosed) -> TransportClosed:
+    reason = exc.reason
+    if reason is None:
+        return TransportClosed("WebSocket closed")
+    return TransportClosed(str(reason.reason or reason.name or ""), reason.code)
+
+
 class TcpTransport:
     """4-byte length prefix and a MessagePack map per frame."""
 
@@ -131,7 +138,7 @@ class WsTransport:
         try:
             await self._ws.send_message(encode_ws(frame, text=self._text))
         except trio_websocket.ConnectionClosed as exc:
-            raise TransportClosed(str(exc.reason.reason or ""), exc.reason.code) from exc
+            raise _closed(exc) from exc
         except _IO_ERRORS as exc:
             raise TransportClosed(str(exc) or type(exc).__name__) from exc
 
@@ -148,7 +155,7 @@ class WsTransport:
                 if scope.cancelled_caught:
                     raise TransportClosed(self._failed or "WebSocket failed")
             except trio_websocket.ConnectionClosed as exc:
-                raise TransportClosed(str(exc.reason.reason or ""), exc.reason.code) from exc
+                raise _closed(exc) from exc
             except _IO_ERRORS as exc:
                 raise TransportClosed(str(exc) or type(exc).__name__) from exc
             try:

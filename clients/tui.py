@@ -21,6 +21,7 @@ import asyncio
 import threading
 import time
 from collections.abc import Callable, Mapping
+from functools import partial
 from typing import Any
 
 import trio
@@ -331,29 +332,29 @@ async def _events(client: Client, view: ChatView) -> None:
     me = client.user or ""
     async for event in client.events():
         if isinstance(event, Message):
-            view.post(lambda m=event: view.add_message(m))
+            view.post(partial(view.add_message, event))
             if event.conv == view.current and event.sender != me:
                 try:
                     await client.read(event.conv, event.seq)
                 except RequestError as exc:
-                    view.post(lambda e=exc: view.set_status(f"read: {e}"))
+                    view.post(partial(view.set_status, f"read: {exc}"))
             continue
         assert isinstance(event, Push)
         d = event.data
         if event.op == "typing":
-            view.post(lambda d=d: view.set_typing(d["conv"], d["user"], bool(d.get("on"))))
+            view.post(partial(view.set_typing, d["conv"], d["user"], bool(d.get("on"))))
         elif event.op == "presence":
-            view.post(lambda d=d: view.set_presence(d["user"], d["status"]))
+            view.post(partial(view.set_presence, d["user"], d["status"]))
         elif event.op == "receipt":
             for kind in ("read", "delivered"):
                 if kind in d:
-                    view.post(lambda d=d, k=kind: view.set_receipt(d["conv"], d["user"], k, d[k]))
+                    view.post(partial(view.set_receipt, d["conv"], d["user"], kind, d[kind]))
         elif event.op in ("connected", "disconnected"):
-            view.post(lambda on=event.op == "connected": view.set_online(on))
+            view.post(partial(view.set_online, event.op == "connected"))
         elif event.op == "kicked":
-            view.post(lambda d=d: view.set_status(f"kicked: {d.get('reason')}"))
+            view.post(partial(view.set_status, f"kicked: {d.get('reason')}"))
         elif event.op in ("friend", "group", "notice"):
-            view.post(lambda d=d: view.set_status(_describe(d)))
+            view.post(partial(view.set_status, _describe(d)))
     view.post(lambda: view.set_status(f"closed: {client.closed_reason}"))
     view.exit()
 
@@ -382,8 +383,8 @@ async def _actions(
                     msgs = page.msgs
                 except NotFound:
                     msgs = []
-                view.post(lambda c=conv, ms=msgs: view.show_conv(c, ms))
-                view.post(lambda c=conv: view.set_status(f"opened {c}"))
+                view.post(partial(view.show_conv, conv, msgs))
+                view.post(partial(view.set_status, f"opened {conv}"))
                 if msgs:
                     await client.read(conv, msgs[-1].seq)
             elif kind == "send":
@@ -402,16 +403,16 @@ async def _actions(
                     await client.typing(group=conv[2:], on=on)
             elif kind == "presence":
                 await client.presence(action[1])
-                view.post(lambda s=action[1]: view.set_status(f"you are {s}"))
+                view.post(partial(view.set_status, f"you are {action[1]}"))
             elif kind == "read":
                 page = await client.history(action[1], limit=1)
                 if page.msgs:
                     await client.read(action[1], page.msgs[-1].seq)
             elif kind == "refresh":
                 convs = await client.sync()
-                view.post(lambda cs=convs: view.set_convs(cs))
+                view.post(partial(view.set_convs, convs))
         except ClientError as exc:
-            view.post(lambda e=exc: view.set_status(f"error: {e}"))
+            view.post(partial(view.set_status, f"error: {exc}"))
 
 
 async def _initial(client: Client, view: ChatView) -> None:
@@ -425,7 +426,7 @@ async def _initial(client: Client, view: ChatView) -> None:
     view.post(lambda: view.set_convs(convs))
     for f in friends:
         if "status" in f:
-            view.post(lambda f=f: view.set_presence(f["user"], f["status"]))
+            view.post(partial(view.set_presence, f["user"], f["status"]))
     view.post(lambda: view.set_status("connected; /open USER to chat, /quit to leave"))
 
 
