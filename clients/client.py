@@ -25,14 +25,15 @@ that :func:`open_client` makes):
   application sees each message exactly once, in ``seq`` order per
   conversation, across reconnects and server restarts (PROTOCOL.md §6).
 
-The first ``sync`` after the first authentication sets the baseline: a
-conversation already known then starts at its ``last_seq`` (read older
-messages with :meth:`Client.history`), unless you seeded its cursor with
-``cursors=``. A conversation that first appears later is delivered from its
-first entry. The sender's own messages are events too (built from the
-``send`` reply, since the sending connection gets no ``msg`` push), as are
-the entries that its ``recall`` and group operations create (fetched with
-``history``).
+The first ``sync`` after the first authentication sets the baseline: the
+application gets what was committed after it authenticated, so a
+conversation that already existed starts at its ``last_seq`` less what was
+pushed since (read older messages with :meth:`Client.history`), unless you
+seeded its cursor with ``cursors=``. A conversation that first appears
+later is delivered from its first entry. The sender's own messages are
+events too (built from the ``send`` reply, since the sending connection
+gets no ``msg`` push), as are the entries that its ``recall`` and group
+operations create (fetched with ``history``).
 
 Everything is bounded: the reader's queue (``max_events``; when the
 application does not keep up, messages are dropped and recovered with a
@@ -304,6 +305,7 @@ class Client(Operations):
         self.dropped_pushes = 0
         self._cursors: dict[str, int] = dict(cursors or {})
         self._baselined = False
+        self._first_seen: dict[str, int] = {}  # first seq pushed per conv, until baselined
         self._rids = itertools.count(1)
         self._conn: _Connection | None = None
         self._ready = False  # self._conn is authenticated and the outbox rewritten
@@ -590,6 +592,9 @@ class Client(Operations):
             self._enqueue(_Hint(conv, seq))
 
     def _enqueue(self, item: _Item) -> None:
+        if isinstance(item, Message) and not self._baselined:
+            # The baseline keeps what arrived after authentication.
+            self._first_seen.setdefault(item.conv, item.seq)
         try:
             self._inbox_send.send_nowait(item)
         except trio.WouldBlock:
@@ -682,12 +687,19 @@ class Client(Operations):
             if not isinstance(conv, str) or not isinstance(last, int):
                 continue
             if not self._baselined and conv not in self._cursors:
-                self._cursors[conv] = last
+                # Start after what existed when we authenticated: the sync's
+                # last_seq, less what was pushed to us since.
+                first = self._first_seen.get(conv)
+                base = last if first is None else min(last, first - 1)
+                self._cursors[conv] = base
+                if last > base:
+                    await self._fill(conv, base, last)
                 continue
             cur = self._cursors.get(conv, 0)
             if last > cur:
                 await self._fill(conv, cur, last)
         self._baselined = True
+        self._first_seen.clear()
         if announce:
             await self._events_send.send(
                 Push("resync", {"op": "resync", "dropped_pushes": self.dropped_pushes})

@@ -134,6 +134,9 @@ class FakeServer:
         self.changed = trio.Event()
         self.stored: dict[str, dict[str, Any]] = {}
         self.mids = itertools.count(100)
+        self.after_auth: list[dict[str, Any]] = []  # pushed right after the auth reply
+        self.convs: list[dict[str, Any]] = []  # the sync reply
+        self.history: dict[str, list[dict[str, Any]]] = {}
 
     async def open(self, nursery: trio.Nursery, host: str, port: int, **kw: Any) -> FakeTransport:
         self.attempts.append(trio.current_time())
@@ -169,13 +172,21 @@ class FakeTransport:
             if op != "auth":
                 reply["token"] = "tok"
             self._send.send_nowait({"op": "ok", "rid": rid, **reply})
+            for push in self.server.after_auth:
+                self._send.send_nowait(push)
             return
         if self.index in self.server.mute:
             return
         if op == "ping":
             self._send.send_nowait({"op": "pong", "rid": rid})
         elif op == "sync":
-            self._send.send_nowait({"op": "ok", "rid": rid, "convs": []})
+            self._send.send_nowait({"op": "ok", "rid": rid, "convs": self.server.convs})
+        elif op == "history":
+            after, limit = frame.get("after_seq", 0), frame.get("limit", 50)
+            entries = [m for m in self.server.history.get(frame["conv"], []) if m["seq"] > after]
+            page = entries[:limit]
+            more = len(entries) > limit
+            self._send.send_nowait({"op": "ok", "rid": rid, "msgs": page, "more": more})
         elif op == "send":
             row = self.server.stored.setdefault(
                 frame["cid"],
@@ -283,3 +294,54 @@ async def test_shortened_schedule_is_a_parameter(
 def test_message_from_history_entry() -> None:
     m = Message.from_frame({"mid": 5, "conv": "d:a:b", "seq": 2, "from": "a", "kind": "text"})
     assert (m.body, m.cid, m.recalled, m.sender) == ("", None, False, "a")
+
+
+def _msg(conv: str, seq: int, body: str = "") -> dict[str, Any]:
+    return {
+        "mid": 1000 + seq,
+        "conv": conv,
+        "seq": seq,
+        "from": "bob",
+        "kind": "text",
+        "body": body or f"{conv}#{seq}",
+        "ts": 1,
+    }
+
+
+async def test_baseline_keeps_what_arrived_after_auth(
+    autojump_clock: trio.testing.MockClock, fake: FakeServer
+) -> None:
+    """The first sync sets where the application starts: what was pushed after
+    authentication is delivered (even though the sync already counts it), older
+    entries are not; a conversation created later is delivered from seq 1; a gap
+    is filled from history."""
+    fake.convs = [{"conv": "d:alice:bob", "last_seq": 5}, {"conv": "g:1", "last_seq": 9}]
+    fake.after_auth = [{"op": "msg", **_msg("d:alice:bob", 5)}]
+    fake.history = {
+        "d:alice:bob": [_msg("d:alice:bob", i) for i in range(1, 9)],
+        "d:alice:carol": [_msg("d:alice:carol", i) for i in (1, 2)],
+    }
+    async with trio.open_nursery() as nursery:
+        c = Client("127.0.0.1", 1)
+        await c.start(nursery)
+        await c.login("alice", "password1")
+        rec = Recorder(c)
+        nursery.start_soon(rec.run)
+        m = await rec.message("d:alice:bob", 5)
+        assert (m.mid, m.body) == (1005, "d:alice:bob#5")
+        conn = fake.transports[0]
+        # Live pushes: a new conversation (filled from 1), a gap (6 missing).
+        await conn._send.send({"op": "msg", **_msg("d:alice:carol", 2)})
+        await conn._send.send({"op": "msg", **_msg("d:alice:bob", 7)})
+        await rec.message("d:alice:bob", 7)
+        await rec.message("d:alice:carol", 2)
+        got = [(x.conv, x.seq) for x in rec.messages()]
+        assert sorted(got) == [
+            ("d:alice:bob", 5),
+            ("d:alice:bob", 6),
+            ("d:alice:bob", 7),
+            ("d:alice:carol", 1),
+            ("d:alice:carol", 2),
+        ]
+        assert c.cursors == {"d:alice:bob": 7, "d:alice:carol": 2, "g:1": 9}
+        await c.aclose()
