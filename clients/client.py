@@ -57,7 +57,7 @@ import itertools
 import logging
 import math
 import uuid
-from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from typing import Any, Final, TypeAlias
 
 import trio
@@ -123,12 +123,16 @@ class _Lost(Exception):
     """Internal: the connection a request was written on is gone."""
 
 
+#: Runs in the reader as an ``ok`` reply arrives, before any later frame.
+_OnOk: TypeAlias = "Callable[[_Connection, dict[str, Any]], None]"
+
+
 class _Pending:
     """A request waiting for its reply on one connection."""
 
     __slots__ = ("done", "lost", "on_ok", "op", "reply")
 
-    def __init__(self, op: str, on_ok: Any = None) -> None:
+    def __init__(self, op: str, on_ok: _OnOk | None = None) -> None:
         self.op = op
         self.done = trio.Event()
         self.reply: dict[str, Any] | None = None
@@ -759,7 +763,7 @@ class Client(Operations):
             await self._state.wait()
 
     async def _roundtrip(
-        self, conn: _Connection, frame: dict[str, Any], on_ok: Any = None
+        self, conn: _Connection, frame: dict[str, Any], on_ok: _OnOk | None = None
     ) -> dict[str, Any]:
         if conn.closed.is_set():
             raise _Lost

@@ -8,7 +8,16 @@ from typing import Any
 
 from .model import Message
 
-__all__ = ["clock", "conv_line", "conv_title", "direct_conv", "message_line", "resolve_conv"]
+__all__ = [
+    "body_text",
+    "clock",
+    "conv_line",
+    "conv_peer",
+    "conv_title",
+    "direct_conv",
+    "message_line",
+    "resolve_conv",
+]
 
 
 def clock(ts_ms: int) -> str:

@@ -199,6 +199,7 @@ def out(line: str) -> None:
 
 
 async def cmd_send(client: Client, args: argparse.Namespace) -> int:
+    """``imchat send TO TEXT...``: print ``sent CONV#SEQ mid=MID``."""
     text = " ".join(args.text)
     target = args.to
     if target.startswith(("d:", "g:", "wx:")):
@@ -210,6 +211,7 @@ async def cmd_send(client: Client, args: argparse.Namespace) -> int:
 
 
 async def cmd_tail(client: Client, args: argparse.Namespace) -> int:
+    """``imchat tail [CONV]``: print live messages (and with ``--events`` pushes)."""
     only = resolve_conv(client.user or "", args.conv) if args.conv else None
     seen = 0
     out(f"# tailing as {client.user}" + (f" ({only})" if only else ""))
@@ -228,12 +230,14 @@ async def cmd_tail(client: Client, args: argparse.Namespace) -> int:
 
 
 async def cmd_convs(client: Client, args: argparse.Namespace) -> int:
+    """``imchat convs``: one tab-separated line per conversation."""
     for entry in await client.sync():
         out(conv_line(client.user or "", entry))
     return EXIT_OK
 
 
 async def cmd_history(client: Client, args: argparse.Namespace) -> int:
+    """``imchat history CONV|USER``: the last ``--limit`` messages."""
     conv = resolve_conv(client.user or "", args.conv)
     page = await client.history(conv, limit=max(1, min(200, args.limit)))
     for m in page.msgs:
@@ -242,6 +246,7 @@ async def cmd_history(client: Client, args: argparse.Namespace) -> int:
 
 
 async def cmd_read(client: Client, args: argparse.Namespace) -> int:
+    """``imchat read CONV|USER``: mark everything read."""
     conv = resolve_conv(client.user or "", args.conv)
     page = await client.history(conv, limit=1)
     if page.msgs:
@@ -251,6 +256,7 @@ async def cmd_read(client: Client, args: argparse.Namespace) -> int:
 
 
 async def cmd_logout(client: Client, args: argparse.Namespace) -> int:
+    """``imchat logout``: revoke the token and delete its file."""
     await client.logout()
     port = client.port
     with contextlib.suppress(FileNotFoundError):

@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import trio
 
-from clients import Message
+from clients import ClientClosed, Message, Push, RequestTimeout, open_client
 from imserver.app import ServerInfo
 
-from .client_helpers import KIND_IDS, KINDS, befriend, open_users
+from .client_helpers import KIND_IDS, KINDS, PASSWORD, befriend, open_users
 
 
 @pytest.mark.parametrize("kind", KINDS, ids=KIND_IDS)
@@ -52,3 +52,35 @@ async def test_chat_between_two_clients(server: ServerInfo, kind: tuple[str, str
             ]
             assert h.more is False
             assert isinstance(h.msgs[0], Message)
+
+
+async def test_open_client_with_password_then_token(server: ServerInfo) -> None:
+    """open_client logs in (or registers) on entry and closes on exit; a token
+    from one session authenticates another (``auth``)."""
+    assert server.ws_port is not None and server.tcp_port is not None
+    with trio.fail_after(30):
+        async with open_client(
+            "127.0.0.1",
+            server.ws_port,
+            transport="ws",
+            encoding="json",
+            user="carol",
+            password=PASSWORD,
+            register=True,
+        ) as carol:
+            assert carol.user == "carol"
+            assert carol.token
+            assert carol.connected
+            token = carol.token
+            first = await carol.next_event(timeout=5)
+            assert isinstance(first, Push)
+            assert (first.op, first["reconnect"]) == ("connected", False)
+            with pytest.raises(RequestTimeout):
+                await carol.next_event(timeout=0.2)
+        assert carol.closed_reason == "closed"
+        with pytest.raises(ClientClosed):
+            await carol.sync()
+        async with open_client("127.0.0.1", server.tcp_port, token=token, device="second") as again:
+            assert again.user == "carol"
+            assert again.session["device"] == "second"
+            assert await again.sync() == []
