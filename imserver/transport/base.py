@@ -16,6 +16,8 @@ import struct
 from collections.abc import Sequence
 from typing import Any, ClassVar
 
+import trio
+
 from protocol.codec import frame_prefix, pack, to_json
 
 
@@ -128,6 +130,48 @@ def write_nowait(sock: Any, data: bytes) -> int | None:
         return None
     except OSError:
         return None  # broken: the writer's next send reports it
+
+
+async def receive_some(stream: Any, sock: Any, max_bytes: int) -> bytes:
+    """``stream.receive_some(max_bytes)``, parking in ``wait_readable`` itself.
+
+    An idle connection's reader spends its life waiting here. Parked inside
+    ``SocketStream.receive_some`` it would keep three more suspended coroutine
+    frames (the stream's, the trio socket's ``recv``, trio's non-blocking
+    helper): 1.7 KB of server memory per idle connection, measured with
+    ``python -m bench idle`` (16.6 -> 14.9 KB per TCP connection). The
+    semantics are ``receive_some``'s: a cancellation point before the read,
+    a scheduling point after a read that did not wait. The descriptor is
+    looked up before every read (-1 once closed, so a number the kernel
+    reused is never read). ``sock`` None (in-memory streams): plain
+    ``receive_some``.
+
+    Raises:
+        trio.BrokenResourceError: the read failed (connection reset, ...).
+        trio.ClosedResourceError: the socket is or was meanwhile closed.
+    """
+    if sock is None:
+        data: bytes = await stream.receive_some(max_bytes)
+        return data
+    await trio.lowlevel.checkpoint_if_cancelled()
+    waited = False
+    while True:
+        fd = sock.fileno()
+        if fd < 0:
+            data = await stream.receive_some(max_bytes)  # closed: raises ClosedResourceError
+            return data
+        try:
+            data = os.read(fd, max_bytes)
+        except (BlockingIOError, InterruptedError):
+            pass  # wait outside the handler: no exception kept alive while parked
+        except OSError as e:
+            raise trio.BrokenResourceError(f"socket read failed: {e}") from e
+        else:
+            if not waited:
+                await trio.lowlevel.cancel_shielded_checkpoint()
+            return data
+        await trio.lowlevel.wait_readable(sock)
+        waited = True
 
 
 class Transport(abc.ABC):

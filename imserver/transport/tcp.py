@@ -10,7 +10,15 @@ import trio
 from protocol.codec import NEED_DATA, FrameDecoder
 from protocol.errors import FrameError
 
-from .base import FLUSH, Payload, Transport, TransportClosed, socket_fd, write_nowait
+from .base import (
+    FLUSH,
+    Payload,
+    Transport,
+    TransportClosed,
+    receive_some,
+    socket_fd,
+    write_nowait,
+)
 
 RECEIVE_BYTES = 65536
 
@@ -51,7 +59,7 @@ class TcpTransport(Transport):
             if frames:
                 return frames
             try:
-                data = await self.stream.receive_some(RECEIVE_BYTES)
+                data = await receive_some(self.stream, self._sock, RECEIVE_BYTES)
             except (trio.BrokenResourceError, trio.ClosedResourceError) as e:
                 raise TransportClosed(str(e)) from None
             decoder.receive_data(data)

@@ -105,7 +105,16 @@ from wsproto.utilities import LocalProtocolError, generate_accept_token
 from protocol.codec import decode_ws
 from protocol.errors import WS_CLOSE_TOO_BIG, FrameError
 
-from .base import FLUSH, Payload, Transport, TransportClosed, socket_fd, write_nowait, ws_frame
+from .base import (
+    FLUSH,
+    Payload,
+    Transport,
+    TransportClosed,
+    receive_some,
+    socket_fd,
+    write_nowait,
+    ws_frame,
+)
 
 __all__ = ["CLOSE_TIMEOUT", "RECEIVE_BYTES", "WebSocketTransport"]
 
@@ -380,7 +389,7 @@ class WebSocketTransport(Transport):
                 self._unread = b""
             else:
                 try:
-                    data = await stream.receive_some(RECEIVE_BYTES)
+                    data = await receive_some(stream, self._sock, RECEIVE_BYTES)
                 except _BROKEN as e:
                     await self._abort()
                     raise TransportClosed(str(e) or "stream broken") from None
