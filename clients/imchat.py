@@ -94,38 +94,57 @@ def save_token(path: Path, user: str, token: str) -> None:
 # --------------------------------------------------------------- arguments
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The command line."""
-    p = argparse.ArgumentParser(prog="imchat", description="A terminal client for imserver.")
-    p.add_argument("--host", default=os.environ.get("IMCHAT_HOST", "127.0.0.1"))
-    p.add_argument("--port", type=int, default=None, help="default 7700 (tcp) or 7701 (ws)")
-    p.add_argument("--transport", choices=("tcp", "ws"), default="tcp")
-    p.add_argument("--json", action="store_true", help="JSON instead of MessagePack (ws only)")
-    p.add_argument("--user", default=os.environ.get("IMCHAT_USER"))
-    p.add_argument("--password", help="or set IMCHAT_PASSWORD")
-    p.add_argument("--register", action="store_true", help="create the user first")
+def _options(*, defaults: bool) -> argparse.ArgumentParser:
+    """The connection and credential options (accepted before or after the command)."""
+
+    def d(value: object) -> object:
+        return value if defaults else argparse.SUPPRESS
+
+    p = argparse.ArgumentParser(add_help=False)
+    p.add_argument("--host", default=d(os.environ.get("IMCHAT_HOST", "127.0.0.1")))
+    p.add_argument("--port", type=int, default=d(None), help="default 7700 (tcp) or 7701 (ws)")
+    p.add_argument("--transport", choices=("tcp", "ws"), default=d("tcp"))
+    p.add_argument(
+        "--json", action="store_true", default=d(False), help="JSON, not MessagePack (ws only)"
+    )
+    p.add_argument("--user", default=d(os.environ.get("IMCHAT_USER")))
+    p.add_argument("--password", default=d(None), help="or set IMCHAT_PASSWORD")
+    p.add_argument(
+        "--register", action="store_true", default=d(False), help="create the user first"
+    )
     p.add_argument(
         "--device",
-        default=None,
+        default=d(None),
         help="device name (default: imchat for the TUI, imchat-tail, imchat-cli otherwise)",
     )
-    p.add_argument("--timeout", type=float, default=10.0, help="request timeout (s)")
+    p.add_argument("--timeout", type=float, default=d(10.0), help="request timeout (s)")
+    return p
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command line: ``imchat [OPTIONS] [COMMAND] [ARGS]`` (options may follow COMMAND)."""
+    p = argparse.ArgumentParser(
+        prog="imchat",
+        description="A terminal client for imserver.",
+        parents=[_options(defaults=True)],
+    )
+    common = [_options(defaults=False)]
     sub = p.add_subparsers(dest="command")
-    sub.add_parser("chat", help="the interactive TUI (the default)")
-    s = sub.add_parser("send", help="send one message")
+    sub.add_parser("chat", parents=common, help="the interactive TUI (the default)")
+    s = sub.add_parser("send", parents=common, help="send one message")
     s.add_argument("to", help="a user, or a conversation id (d:..., g:...)")
     s.add_argument("text", nargs="+")
-    t = sub.add_parser("tail", help="print live messages, one line each")
+    t = sub.add_parser("tail", parents=common, help="print live messages, one line each")
     t.add_argument("conv", nargs="?", help="only this conversation (or user)")
     t.add_argument("--count", type=int, default=None, help="exit after this many")
     t.add_argument("--events", action="store_true", help="also print typing/presence/...")
-    sub.add_parser("convs", help="conversations with unread counts")
-    h = sub.add_parser("history", help="the last messages of a conversation")
+    sub.add_parser("convs", parents=common, help="conversations with unread counts")
+    h = sub.add_parser("history", parents=common, help="the last messages of a conversation")
     h.add_argument("conv", help="a conversation id or a user")
     h.add_argument("--limit", type=int, default=50)
-    r = sub.add_parser("read", help="mark a conversation read")
+    r = sub.add_parser("read", parents=common, help="mark a conversation read")
     r.add_argument("conv")
-    sub.add_parser("logout", help="revoke the saved token and forget it")
+    sub.add_parser("logout", parents=common, help="revoke the saved token and forget it")
     return p
 
 
@@ -271,8 +290,12 @@ async def run(args: argparse.Namespace) -> int:
     interactive = command == "chat"
     async with session(args, interactive=interactive) as client:
         if command == "chat":
-            from .tui import run_tui  # prompt_toolkit is only needed here
-
+            try:
+                from .tui import run_tui  # prompt_toolkit is only needed here
+            except ImportError as exc:
+                raise UsageError(
+                    f"the interactive client needs prompt_toolkit>=3.0.50,<3.1 ({exc})"
+                ) from None
             return await run_tui(client)
         handler = {
             "send": cmd_send,

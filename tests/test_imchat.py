@@ -152,17 +152,18 @@ async def test_scriptable_commands(
         assert line.split("\t")[:3] == ["d:alice:bob", "bob", "unread=1"]
         assert line.endswith("bob: hello alice")
 
-        # history, by user name, over WebSocket with JSON (logging in again).
+        # history, by user name, over WebSocket with JSON (logging in again;
+        # options may also follow the command).
         status, out = await chat.run(
             "--transport",
             "ws",
             "--json",
+            "history",
+            "bob",
             "--user",
             "alice",
             "--password",
             PASSWORD,
-            "history",
-            "bob",
             port=chat.ws_port,
         )
         assert status == 0, out
