@@ -104,3 +104,47 @@ async def test_in_memory_stream_falls_back() -> None:
     a, b = trio.testing.memory_stream_pair()
     await a.send_all(b"abc")
     assert await receive_some(b, socket_fd(b), 1024) == b"abc"
+
+
+async def test_tcp_transport_reads_frames_and_ends_on_eof_and_close() -> None:
+    from imserver.transport.base import TransportClosed
+    from imserver.transport.tcp import TcpTransport
+    from protocol.codec import frame_prefix, pack
+
+    left, right = await _pair()
+    t = TcpTransport(left, max_frame_bytes=65536)
+    body = pack({"op": "ping", "rid": 1})
+    got: list[list[dict[str, object]]] = []
+
+    async def reader() -> None:
+        got.append(await t.receive())
+
+    async with trio.open_nursery() as n:
+        n.start_soon(reader)
+        await trio.testing.wait_all_tasks_blocked()
+        await right.send_all(frame_prefix(body) + body[:3])  # half a frame: still waiting
+        await trio.testing.wait_all_tasks_blocked()
+        assert not got
+        await right.send_all(body[3:] + frame_prefix(body) + body)
+    assert got == [[{"op": "ping", "rid": 1}, {"op": "ping", "rid": 1}]]
+    await right.aclose()
+    with pytest.raises(TransportClosed):
+        await t.receive()
+    await left.aclose()
+
+    left, right = await _pair()
+    t = TcpTransport(left, max_frame_bytes=65536)
+    ended: list[BaseException] = []
+
+    async def parked_reader() -> None:
+        try:
+            await t.receive()
+        except TransportClosed as e:
+            ended.append(e)
+
+    async with trio.open_nursery() as n:
+        n.start_soon(parked_reader)
+        await trio.testing.wait_all_tasks_blocked()
+        await t.close()  # closed by another task while the reader is parked
+    assert len(ended) == 1
+    await right.aclose()

@@ -132,19 +132,38 @@ def write_nowait(sock: Any, data: bytes) -> int | None:
         return None  # broken: the writer's next send reports it
 
 
+def read_nowait(sock: Any, max_bytes: int) -> bytes | None:
+    """Read what the socket has now without blocking: bytes (b"" at EOF), or None.
+
+    The descriptor is looked up on every call (-1 once closed, so a number
+    the kernel reused for another connection is never read).
+
+    Raises:
+        trio.ClosedResourceError: the socket is closed.
+        trio.BrokenResourceError: the read failed (connection reset, ...).
+    """
+    fd = sock.fileno()
+    if fd < 0:
+        raise trio.ClosedResourceError("socket closed")
+    try:
+        return os.read(fd, max_bytes)
+    except (BlockingIOError, InterruptedError):
+        return None
+    except OSError as e:
+        raise trio.BrokenResourceError(f"socket read failed: {e}") from e
+
+
 async def receive_some(stream: Any, sock: Any, max_bytes: int) -> bytes:
     """``stream.receive_some(max_bytes)``, parking in ``wait_readable`` itself.
 
-    An idle connection's reader spends its life waiting here. Parked inside
-    ``SocketStream.receive_some`` it would keep three more suspended coroutine
-    frames (the stream's, the trio socket's ``recv``, trio's non-blocking
-    helper): 1.7 KB of server memory per idle connection, measured with
-    ``python -m bench idle`` (16.6 -> 14.9 KB per TCP connection). The
-    semantics are ``receive_some``'s: a cancellation point before the read,
-    a scheduling point after a read that did not wait. The descriptor is
-    looked up before every read (-1 once closed, so a number the kernel
-    reused is never read). ``sock`` None (in-memory streams): plain
-    ``receive_some``.
+    An idle connection's reader spends its life waiting for its next frame.
+    Parked inside ``SocketStream.receive_some`` it keeps three more suspended
+    coroutine frames (the stream's, the trio socket's ``recv``, trio's
+    non-blocking helper), about 1 KB of server memory per idle connection
+    (``python -m bench idle``); :class:`TcpTransport` inlines this loop to save
+    this frame too. The semantics are ``receive_some``'s: a cancellation point
+    before the read, a scheduling point after a read that did not wait.
+    ``sock`` None (in-memory streams): plain ``receive_some``.
 
     Raises:
         trio.BrokenResourceError: the read failed (connection reset, ...).
@@ -156,20 +175,11 @@ async def receive_some(stream: Any, sock: Any, max_bytes: int) -> bytes:
     await trio.lowlevel.checkpoint_if_cancelled()
     waited = False
     while True:
-        fd = sock.fileno()
-        if fd < 0:
-            data = await stream.receive_some(max_bytes)  # closed: raises ClosedResourceError
-            return data
-        try:
-            data = os.read(fd, max_bytes)
-        except (BlockingIOError, InterruptedError):
-            pass  # wait outside the handler: no exception kept alive while parked
-        except OSError as e:
-            raise trio.BrokenResourceError(f"socket read failed: {e}") from e
-        else:
+        got = read_nowait(sock, max_bytes)
+        if got is not None:
             if not waited:
                 await trio.lowlevel.cancel_shielded_checkpoint()
-            return data
+            return got
         await trio.lowlevel.wait_readable(sock)
         waited = True
 

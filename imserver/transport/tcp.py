@@ -15,7 +15,7 @@ from .base import (
     Payload,
     Transport,
     TransportClosed,
-    receive_some,
+    read_nowait,
     socket_fd,
     write_nowait,
 )
@@ -58,8 +58,24 @@ class TcpTransport(Transport):
                 frames.append(f)  # type: ignore[arg-type]
             if frames:
                 return frames
+            sock = self._sock
             try:
-                data = await receive_some(self.stream, self._sock, RECEIVE_BYTES)
+                if sock is None:
+                    data = await self.stream.receive_some(RECEIVE_BYTES)
+                else:
+                    # base.receive_some inlined: an idle connection parks in
+                    # wait_readable right here, one coroutine frame less.
+                    await trio.lowlevel.checkpoint_if_cancelled()
+                    waited = False
+                    while True:
+                        got = read_nowait(sock, RECEIVE_BYTES)
+                        if got is not None:
+                            break
+                        await trio.lowlevel.wait_readable(sock)
+                        waited = True
+                    if not waited:
+                        await trio.lowlevel.cancel_shielded_checkpoint()
+                    data = got
             except (trio.BrokenResourceError, trio.ClosedResourceError) as e:
                 raise TransportClosed(str(e)) from None
             decoder.receive_data(data)
