@@ -16,8 +16,8 @@ that :func:`open_client` makes):
   first send's ``mid/conv/seq/ts``, PROTOCOL.md §5). Each connection has a
   reader task, which answers requests by ``rid`` and never blocks, and a
   heartbeat task (``ping`` every ``heartbeat`` seconds).
-* the **processor** turns what the reader queued into the application's
-  events, in order. It keeps, per conversation, the highest ``seq``
+* the **delivery** task (:mod:`clients.delivery`) turns what the reader
+  queued into the application's events, in order. It keeps, per conversation, the highest ``seq``
   delivered (:attr:`Client.cursors`). A message at or below it is a
   duplicate and dropped; one above ``cursor + 1`` is a gap, filled with
   ``history`` first. After every (re)authentication it runs ``sync`` and
@@ -62,6 +62,7 @@ from typing import Any, Final, TypeAlias
 
 import trio
 
+from .delivery import Delivery, Hint, Item, Resync
 from .errors import (
     ClientClosed,
     ConnectionLost,
@@ -72,8 +73,8 @@ from .errors import (
     Unavailable,
     error_from_frame,
 )
-from .model import Event, Message, Push, SendResult
-from .ops import DEFAULT, HISTORY_PAGE, Operations, Timeout, _Default
+from .model import Event, History, Message, Push, SendResult
+from .ops import DEFAULT, Operations, Timeout, _Default
 from .transport import Encoding, Transport, TransportClosed, TransportKind, open_transport
 
 __all__ = [
@@ -202,23 +203,6 @@ class _Connection:
                 raise _Lost from None
 
 
-class _Resync:
-    """Processor item: run ``sync`` and fill every conversation that moved."""
-
-
-class _Hint:
-    """Processor item: ``conv`` has an entry at ``seq`` (made by our own request)."""
-
-    __slots__ = ("conv", "seq")
-
-    def __init__(self, conv: str, seq: int) -> None:
-        self.conv = conv
-        self.seq = seq
-
-
-_Item: TypeAlias = Message | Push | _Resync | _Hint
-
-
 def _drop_none(fields: Mapping[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in fields.items() if v is not None}
 
@@ -306,10 +290,6 @@ class Client(Operations):
         #: Connections closed because a ping got no pong in time.
         self.heartbeat_failures = 0
         #: Pushes other than messages dropped because the application lagged.
-        self.dropped_pushes = 0
-        self._cursors: dict[str, int] = dict(cursors or {})
-        self._baselined = False
-        self._first_seen: dict[str, int] = {}  # first seq pushed per conv, until baselined
         self._rids = itertools.count(1)
         self._conn: _Connection | None = None
         self._ready = False  # self._conn is authenticated and the outbox rewritten
@@ -319,9 +299,9 @@ class Client(Operations):
         self._logging_out = False
         self._outbox: dict[str, _OutboxEntry] = {}
         self._outbox_slots = trio.Semaphore(max_outbox)
-        self._inbox_send, self._inbox_recv = trio.open_memory_channel[_Item](max_events)
-        self._events_send, self._events_recv = trio.open_memory_channel[Event](max_events)
-        self._overflow = False
+        self._delivery = Delivery(
+            max_events, cursors, sync=self._sync_for_delivery, history=self._history_for_delivery
+        )
         self._cancel_scope: trio.CancelScope | None = None
 
     # ------------------------------------------------------------ lifecycle
@@ -339,7 +319,7 @@ class Client(Operations):
             try:
                 async with trio.open_nursery() as nursery:
                     nursery.start_soon(self._supervise)
-                    nursery.start_soon(self._process)
+                    nursery.start_soon(self._delivery.run)
                     task_status.started()
             finally:
                 self._terminate(self._closed_reason or "closed")
@@ -364,7 +344,12 @@ class Client(Operations):
     @property
     def cursors(self) -> dict[str, int]:
         """A copy of the highest ``seq`` delivered to the application, per conversation."""
-        return dict(self._cursors)
+        return dict(self._delivery.cursors)
+
+    @property
+    def dropped_pushes(self) -> int:
+        """Pushes other than messages dropped because the application lagged."""
+        return self._delivery.dropped_pushes
 
     def events(self) -> trio.MemoryReceiveChannel[Event]:
         """The stream of :class:`Message` and :class:`Push` events.
@@ -373,13 +358,13 @@ class Client(Operations):
         client closes. It is bounded: a consumer that stops reading makes the
         client drop pushes it cannot queue (messages are fetched again later).
         """
-        return self._events_recv
+        return self._delivery.events
 
     async def next_event(self, timeout: float | None = None) -> Event:
         """The next event, or :class:`RequestTimeout` after ``timeout`` seconds."""
         try:
             with trio.fail_after(math.inf if timeout is None else timeout):
-                return await self._events_recv.receive()
+                return await self._delivery.events.receive()
         except trio.TooSlowError:
             raise RequestTimeout("next_event", timeout or 0.0) from None
         except trio.EndOfChannel:
@@ -400,7 +385,7 @@ class Client(Operations):
             if not entry.done.is_set():
                 entry.error = ClientClosed(self._closed_reason)
                 entry.done.set()
-        self._events_send.close()
+        self._delivery.close()
         self._notify()
 
     # ------------------------------------------------------------ supervisor
@@ -506,7 +491,7 @@ class Client(Operations):
             self.token = token
         if not first:
             self.reconnects += 1
-        self._enqueue(_Resync())
+        self._enqueue(Resync())
         self._enqueue(
             Push("connected", {"op": "connected", "user": self.user, "reconnect": not first})
         )
@@ -582,7 +567,7 @@ class Client(Operations):
             log.info("kicked: %s", conn.kicked)
         if op == "msg":
             try:
-                item: _Item = Message.from_frame(frame)
+                item: Item = Message.from_frame(frame)
             except (KeyError, TypeError, ValueError):
                 log.warning("malformed msg push: %r", frame)
                 return
@@ -593,22 +578,10 @@ class Client(Operations):
     def _hint(self, reply: Mapping[str, Any]) -> None:
         conv, seq, mid = reply.get("conv"), reply.get("seq"), reply.get("mid")
         if isinstance(conv, str) and isinstance(seq, int) and isinstance(mid, int):
-            self._enqueue(_Hint(conv, seq))
+            self._enqueue(Hint(conv, seq))
 
-    def _enqueue(self, item: _Item) -> None:
-        if isinstance(item, Message) and not self._baselined:
-            # The baseline keeps what arrived after authentication.
-            self._first_seen.setdefault(item.conv, item.seq)
-        try:
-            self._inbox_send.send_nowait(item)
-        except trio.WouldBlock:
-            # The application is behind. Messages come back with the resync;
-            # other pushes are gone, which the resync event announces.
-            self._overflow = True
-            if isinstance(item, Push):
-                self.dropped_pushes += 1
-        except (trio.ClosedResourceError, trio.BrokenResourceError):
-            pass
+    def _enqueue(self, item: Item) -> None:
+        self._delivery.enqueue(item)
 
     def _send_replied(self, entry: _OutboxEntry, frame: dict[str, Any]) -> None:
         log.debug("send %s answered: %r", entry.cid, frame)
@@ -642,95 +615,11 @@ class Client(Operations):
             return
         self._enqueue(own)
 
-    # ------------------------------------------------------------ processor
+    async def _sync_for_delivery(self) -> list[dict[str, Any]]:
+        return await self.sync(timeout=None)
 
-    async def _process(self) -> None:
-        try:
-            async for item in self._inbox_recv:
-                try:
-                    await self._handle(item)
-                    if self._overflow:
-                        self._overflow = False
-                        await self._resync(announce=True)
-                except (ConnectionLost, RequestTimeout, RequestError) as exc:
-                    # Retried with a resync after the next item (and after
-                    # every authentication anyway).
-                    log.info("catching up interrupted: %r", exc)
-                    self._overflow = True
-                    if isinstance(exc, RateLimited | Unavailable):
-                        await trio.sleep(exc.retry_after or 1.0)
-        except (ClientClosed, trio.ClosedResourceError, trio.BrokenResourceError):
-            return
-
-    async def _handle(self, item: _Item) -> None:
-        if isinstance(item, Message):
-            cur = self._cursors.get(item.conv, 0)
-            if item.seq <= cur:
-                return
-            if item.seq > cur + 1:
-                await self._fill(item.conv, cur, item.seq - 1)
-            if item.seq > self._cursors.get(item.conv, 0):
-                await self._deliver(item)
-        elif isinstance(item, Push):
-            await self._events_send.send(item)
-        elif isinstance(item, _Hint):
-            cur = self._cursors.get(item.conv, 0)
-            if item.seq > cur:
-                await self._fill(item.conv, cur, item.seq)
-        else:
-            await self._resync(announce=False)
-
-    async def _deliver(self, msg: Message) -> None:
-        self._cursors[msg.conv] = msg.seq
-        await self._events_send.send(msg)
-
-    async def _resync(self, *, announce: bool) -> None:
-        reply = await self.request("sync", timeout=None)
-        for c in reply.get("convs", []):
-            conv, last = c.get("conv"), c.get("last_seq")
-            if not isinstance(conv, str) or not isinstance(last, int):
-                continue
-            if not self._baselined and conv not in self._cursors:
-                # Start after what existed when we authenticated: the sync's
-                # last_seq, less what was pushed to us since.
-                first = self._first_seen.get(conv)
-                base = last if first is None else min(last, first - 1)
-                self._cursors[conv] = base
-                if last > base:
-                    await self._fill(conv, base, last)
-                continue
-            cur = self._cursors.get(conv, 0)
-            if last > cur:
-                await self._fill(conv, cur, last)
-        self._baselined = True
-        self._first_seen.clear()
-        if announce:
-            await self._events_send.send(
-                Push("resync", {"op": "resync", "dropped_pushes": self.dropped_pushes})
-            )
-
-    async def _fill(self, conv: str, after: int, upto: int) -> None:
-        """Deliver the messages of ``conv`` above ``after`` up to (at least) ``upto``."""
-        while after < upto:
-            try:
-                page = await self.history(
-                    conv, after_seq=after, limit=max(1, min(HISTORY_PAGE, upto - after))
-                )
-            except (RateLimited, Unavailable):
-                raise
-            except RequestError as exc:
-                # Not ours to see (removed from the group, ...): skip the gap.
-                log.info("history of %s refused: %s", conv, exc)
-                self._cursors[conv] = max(self._cursors.get(conv, 0), upto)
-                return
-            for m in page.msgs:
-                if m.seq > self._cursors.get(conv, 0):
-                    await self._deliver(m)
-            if not page.msgs or not page.more:
-                # Deleted entries never come back; do not ask again.
-                self._cursors[conv] = max(self._cursors.get(conv, 0), upto)
-                return
-            after = page.msgs[-1].seq
+    async def _history_for_delivery(self, conv: str, after: int, limit: int) -> History:
+        return await self.history(conv, after_seq=after, limit=limit)
 
     # ------------------------------------------------------------ requests
 
