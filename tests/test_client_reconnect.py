@@ -23,7 +23,9 @@ from clients import Client, ClientClosed, ConnectionLost, Message
 from clients.transport import TransportClosed
 from imserver.app import ServerInfo
 
-from .client_helpers import Proxy, Recorder, befriend, open_users
+from .client_helpers import Proxy, Recorder, Users, befriend, open_users
+from .conftest import running_server, test_config
+from .test_durability import free_port
 
 # --------------------------------------------------------------- real server
 
@@ -118,6 +120,53 @@ async def test_replaced_device_stops_for_good(server: ServerInfo) -> None:
                 await first.sync()
             assert e.value.reason == "replaced"
             assert first.reconnects == 0
+
+
+async def test_graceful_restart_is_survived(db_dsn: str) -> None:
+    """The server stops (``kicked: shutdown``) and starts again on the same
+    ports and database: the clients stay open, a send made while it is down
+    completes, and the peer sees everything once."""
+    cfg = test_config(
+        tcp={"port": free_port()},
+        websocket={"port": free_port()},
+        chat={"require_friendship": False},
+    )
+    fast = {"reconnect_delays": (0.0, 0.1, 0.2)}
+    with trio.fail_after(60):
+        async with trio.open_nursery() as nursery:
+            async with running_server(cfg, db_dsn) as info:
+                assert info.tcp_port is not None and info.ws_port is not None
+                users = Users(nursery, ("tcp", "msgpack"), info.tcp_port, info.ws_port)
+                alice = await users.open("alice", transport="ws", **fast)
+                bob = await users.open("bob", **fast)
+                ra = users.rec(alice)
+                for i in range(3):
+                    await bob.send("alice", f"before {i}")
+                await ra.message("d:alice:bob", 3)
+            # The server is gone: both were told, neither gave up.
+            await ra.push("kicked", reason="shutdown")
+            await users.rec(bob).push("kicked", reason="shutdown")
+            assert alice.closed_reason is None and bob.closed_reason is None
+            results: list[Any] = []
+            done = trio.Event()
+
+            async def send_while_down() -> None:
+                results.append(await bob.send("alice", "while down"))
+                done.set()
+
+            nursery.start_soon(send_while_down)
+            async with running_server(cfg, db_dsn):
+                with trio.fail_after(20):
+                    await done.wait()
+                [r] = results
+                assert r.seq == 4
+                m = await ra.message("d:alice:bob", 4)
+                assert m.body == "while down"
+                await alice.ping()
+                assert [x.seq for x in ra.messages("d:alice:bob")] == [1, 2, 3, 4]
+                assert alice.reconnects >= 1 and bob.reconnects >= 1
+                await users.aclose()
+            nursery.cancel_scope.cancel()
 
 
 # --------------------------------------------------------------- fake server
