@@ -14,7 +14,6 @@ import sys
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
-import pexpect
 import pytest
 import trio
 
@@ -22,6 +21,9 @@ from clients import Client
 from imserver.app import ServerInfo
 
 from .client_helpers import PASSWORD, Users, open_users
+
+# Test dependencies (pyproject's test extra); skip cleanly where absent.
+pexpect = pytest.importorskip("pexpect")
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -202,6 +204,7 @@ async def test_scriptable_commands(
 async def test_interactive_chat(
     chat: Imchat, bob_and_users: tuple[Users, Client], tmp_path: Path
 ) -> None:
+    pytest.importorskip("prompt_toolkit")  # the TUI's own dependency
     users, bob = bob_and_users
     rb = users.rec(bob)
     conv = "d:alice:bob"
