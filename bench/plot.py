@@ -43,6 +43,10 @@ def png_path(json_path: str | None, bench: str, date: str) -> Path:
     return folder / f"{bench}-{stamp}.png"
 
 
+def _ms(x: float) -> str:
+    return f"{x:,.0f}" if x >= 1000 else f"{x:.3g}"
+
+
 def _cdf(ax: Any, title: str, series: dict[str, Sequence[float]]) -> None:
     drawn = False
     for label, samples in series.items():
@@ -56,7 +60,8 @@ def _cdf(ax: Any, title: str, series: dict[str, Sequence[float]]) -> None:
         ys = [i / n for i in range(0, n, step)] + [1.0]
         p50 = s[min(n - 1, math.ceil(0.5 * n) - 1)]
         p99 = s[min(n - 1, math.ceil(0.99 * n) - 1)]
-        ax.step(xs, ys, where="post", label=f"{label}: p50 {p50:.3g}, p99 {p99:.3g} ms (n={n:,})")
+        label = f"{label}: p50 {_ms(p50)}, p99 {_ms(p99)} ms (n={n:,})"
+        ax.step(xs, ys, where="post", label=label)
         drawn = True
     ax.set_title(title)
     ax.set_xlabel("latency, ms (log)")
