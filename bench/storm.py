@@ -102,7 +102,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 async def _register(
-    host: str, port: int, users: list[str], tokens: dict[str, str], progress: common.Progress
+    host: str,
+    port: int,
+    users: list[str],
+    tokens: dict[str, str],
+    progress: common.Progress,
+    timeout: float,
 ) -> None:
     """Register (or log in) every user without a cached token; 16 at a time."""
     limiter = trio.CapacityLimiter(16)
@@ -125,12 +130,13 @@ async def _register(
                 f"bench register {time.monotonic() - t:6.1f}s  {done[0]:,}/{len(users):,} users"
             )
 
-    async with trio.open_nursery() as n:
-        n.start_soon(show)
-        async with trio.open_nursery() as m:
-            for u in users:
-                m.start_soon(one, u)
-        n.cancel_scope.cancel()
+    with trio.fail_after(timeout):
+        async with trio.open_nursery() as n:
+            n.start_soon(show)
+            async with trio.open_nursery() as m:
+                for u in users:
+                    m.start_soon(one, u)
+            n.cancel_scope.cancel()
     progress.done()
 
 
@@ -548,7 +554,9 @@ def run(args: argparse.Namespace) -> int:
                     f"bench: registering {len(missing):,} users (cheap argon2 with storm.toml)",
                     file=sys.stderr,
                 )
-                trio.run(_register, args.host, tcp_port, missing, tokens, progress)
+                trio.run(
+                    _register, args.host, tcp_port, missing, tokens, progress, args.seed_timeout
+                )
             register_s = time.monotonic() - t
             print(
                 f"bench: seeding {N:,} x {M:,} = {N * M:,} messages from {args.senders} senders "
