@@ -98,6 +98,8 @@ class Session:
         self._pending = 0
         self._commits_done = trio.Event()
         self._writer_done = trio.Event()
+        self._nursery: trio.Nursery | None = None  # the session's, while it runs
+        self._writer_started = False
         self._scope: trio.CancelScope | None = None
         self._writing = False
         self._queued = 0  # payloads in the outbound channel (or handed to the writer)
@@ -142,10 +144,29 @@ class Session:
                 payload = FLUSH  # written in part: the writer sends the rest
         self._enqueue(payload)
 
+    def _start_writer(self) -> None:
+        """Start the writer task when the first frame has to be queued.
+
+        A connection whose frames all leave by direct write (an idle one:
+        its auth reply, pongs and pushes) never has a writer task, about
+        2 KB less memory per idle connection (``python -m bench idle``).
+        Once started, the writer stays until the session ends.
+        """
+        nursery = self._nursery
+        if not self._writer_started and nursery is not None:
+            self._writer_started = True
+            try:
+                nursery.start_soon(self._writer)
+            except RuntimeError:
+                # Its last task just ended and run() has not resumed yet: the
+                # session is ending, and a writer would be cancelled at once.
+                pass
+
     def _enqueue(self, payload: Payload) -> bool:
         try:
             self._send.send_nowait(payload)
             self._queued += 1
+            self._start_writer()
         except trio.WouldBlock:
             self.kick(KickReason.SLOW_CONSUMER)
             return False
@@ -191,6 +212,7 @@ class Session:
             if done is not None:
                 payload = FLUSH
         self._queued += 1
+        self._start_writer()
         try:
             await self._send.send(payload)
         except (trio.BrokenResourceError, trio.ClosedResourceError):
@@ -247,7 +269,7 @@ class Session:
                     self.kick_reason = KickReason.SHUTDOWN
                     self._scope.cancel()
                 async with trio.open_nursery() as nursery:
-                    nursery.start_soon(self._writer)
+                    self._nursery = nursery  # the writer starts with the first queued frame
                     try:
                         await self._reader()
                     except _Close as c:
@@ -274,6 +296,7 @@ class Session:
             close_frame = OpError(ErrorCode.INTERNAL, "internal error").to_frame(None)
             close_code = 1011
         finally:
+            self._nursery = None
             self.phase = State.CLOSING
             self._direct = False
             self._detach()
@@ -298,8 +321,9 @@ class Session:
                 await self._commits_done.wait()
         self._direct = False  # from here on only the writer writes, then the close
         self._send.close()
-        with trio.move_on_after(1.0):
-            await self._writer_done.wait()
+        if self._writer_started:  # else nothing was ever queued
+            with trio.move_on_after(1.0):
+                await self._writer_done.wait()
 
     async def _finish(self, frame: dict[str, Any] | None, code: int | None) -> None:
         with trio.CancelScope(shield=True), trio.move_on_after(1.0):
