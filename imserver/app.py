@@ -107,6 +107,7 @@ def _build_state(cfg: Config, storage: Storage, clock: Clock | None = None) -> S
         shards=cfg.hub.shards,
         max_devices=cfg.session.max_devices,
         max_pollers_per_user=cfg.http.max_pollers_per_user,
+        max_pollers=cfg.http.max_pollers,
         heartbeat_timeout=cfg.session.heartbeat_timeout,
         sweep_interval=min(cfg.hub.sweep_interval, cfg.session.heartbeat_timeout / 4),
         limits={
@@ -163,6 +164,7 @@ async def _serve(
 ) -> None:
     state = _build_state(cfg, storage, clock)
     hub, writer = state.hub, state.writer
+    await state.wechat.reconcile()
 
     def over_capacity() -> bool:
         if len(state.sessions) >= cfg.limits.max_connections:

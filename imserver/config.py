@@ -143,6 +143,7 @@ class HttpSection:
     max_body_bytes: int = _field(4 * 1048576, 1024, 256 * 1048576)
     max_json_body_bytes: int = _field(65536, 1024, 16 * 1048576)
     max_pollers_per_user: int = _field(4, 1, 1000)
+    max_pollers: int = _field(500, 1, 1_000_000)
     poll_timeout_s: float = _field(25.0, 0.0, 60.0)
     poll_max_timeout_s: float = _field(60.0, 0.0, 3600.0)
     poll_max_messages: int = _field(200, 1, 10_000)
@@ -151,6 +152,7 @@ class HttpSection:
     static_dir: str = _field("")
     max_requests: int = _field(1000, 1, 1_000_000)
     keep_alive_s: float = _field(5.0, 0.1, 3600.0)
+    body_timeout_s: float = _field(30.0, 0.1, 3600.0)
 
 
 @dataclasses.dataclass
@@ -248,8 +250,14 @@ def _wechat_accounts(key: str, value: Any) -> list[dict[str, Any]]:
         if unknown:
             raise ConfigError(f"{where}.{sorted(unknown)[0]}: unknown option")
         appid = acc.get("appid")
-        if not isinstance(appid, str) or not 1 <= len(appid) <= 128 or ":" in appid:
-            raise ConfigError(f"{where}.appid: expected 1-128 characters without ':'")
+        if (
+            not isinstance(appid, str)
+            or not 1 <= len(appid) <= 128
+            or ":" in appid
+            or not appid.isprintable()
+            or any(c.isspace() for c in appid)
+        ):
+            raise ConfigError(f"{where}.appid: expected 1-128 characters, no ':' or spaces")
         if appid in seen:
             raise ConfigError(f"{where}.appid: {appid!r} is listed twice")
         seen.add(appid)
@@ -333,6 +341,8 @@ def from_mapping(raw: Mapping[str, Any], *, env: Mapping[str, str] | None = None
         raise ConfigError("limits.max_body_bytes: must not exceed limits.max_frame_bytes")
     if cfg.http.admin_token and len(cfg.http.admin_token) < MIN_SECRET_CHARS:
         raise ConfigError("http.admin_token: at least 16 characters (or empty to disable)")
+    if cfg.http.max_pollers >= cfg.http.max_requests:
+        raise ConfigError("http.max_pollers: must be below http.max_requests")
     if cfg.http.poll_timeout_s > cfg.http.poll_max_timeout_s:
         raise ConfigError("http.poll_timeout_s: must not exceed http.poll_max_timeout_s")
     if cfg.websocket.max_message_bytes < cfg.limits.max_frame_bytes:

@@ -12,6 +12,7 @@ import trio
 
 from imserver.app import ServerInfo
 from imserver.config import Config
+from protocol.codec import encode_frame
 
 from .conftest import Clients, befriend, running_server, test_config
 
@@ -524,14 +525,21 @@ async def test_metrics_parse_and_move_with_traffic(
     assert ("imserver_outbound_queue_depth", ()) in after
 
 
-async def test_requests_in_progress_are_capped(db_dsn: str) -> None:
-    cfg = test_config(http={"port": 0, "max_requests": 2, "max_pollers_per_user": 4})
+async def test_requests_in_progress_and_waiting_polls_are_capped(db_dsn: str) -> None:
+    cfg = test_config(
+        http={
+            "port": 0,
+            "max_requests": 3,
+            "max_pollers": 2,
+            "max_pollers_per_user": 4,
+            "body_timeout_s": 1.0,
+        }
+    )
     async with (
         running_server(cfg, db_dsn) as info,
         httpx.AsyncClient(base_url=f"http://127.0.0.1:{info.http_port}") as http,
     ):
-        token = await register(http, "frank")
-        h = bearer(token)
+        h = bearer(await register(http, "frank"))
         cursor = (await http.get("/api/v1/poll", headers=h)).json()["cursor"]
         params = {"cursor": cursor, "timeout": 5}
         async with trio.open_nursery() as nursery:
@@ -540,7 +548,91 @@ async def test_requests_in_progress_are_capped(db_dsn: str) -> None:
                     functools.partial(http.get, "/api/v1/poll", params=params, headers=h)
                 )
             await wait_for_pollers(info, 2)
-            err(await http.get("/healthz"), 503, "unavailable")
+            # A third poll that would wait: the pollers' cap (503), not a slot.
+            err(await http.get("/api/v1/poll", params=params, headers=h), 503, "unavailable")
+            # A body that never comes holds the third request slot...
+            slow = await trio.open_tcp_stream("127.0.0.1", info.http_port)
+            await slow.send_all(
+                b"POST /api/v1/login HTTP/1.1\r\nHost: t\r\nContent-Type: application/json"
+                b"\r\nContent-Length: 100\r\n\r\n{"
+            )
+            with trio.fail_after(5):
+                while (await http.get("/api/v1/conversations", headers=h)).status_code != 503:  # noqa: ASYNC110
+                    await trio.sleep(0.01)
+            # ... but /healthz is always answered.
+            assert (await http.get("/healthz")).status_code == 200
+            # After body_timeout_s the slow body is refused with 408.
+            with trio.fail_after(5):
+                answer = await slow.receive_some(4096)
+            assert answer.startswith(b"HTTP/1.1 408"), answer
+            await slow.aclose()
             nursery.cancel_scope.cancel()
         await wait_for_pollers(info, 0)
-        assert (await http.get("/healthz")).status_code == 200
+        assert (await http.get("/api/v1/conversations", headers=h)).status_code == 200
+
+
+async def test_wechat_owner_changes_replays_and_limits(db_dsn: str) -> None:
+    """Owners come from the config only; replays are keyed by the first sender;
+    pushes fit the frame limits; CreateTime 0 is kept; odd peer ids work."""
+    account = {"appid": APPID, "token": SECRET, "owners": ["owner"]}
+    cfg = test_config(wechat={"accounts": [account]})
+    async with running_server(cfg, db_dsn) as info, trio.open_nursery() as nursery:
+        clients = Clients(info, nursery)
+        owner = await clients.user("owner")
+        await clients.user("newowner")
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{info.http_port}") as http:
+            r = await callback(http, add_msg(556, from_user="wxid_x", content="one"))
+            assert r.status_code == 200
+            # The same NewMsgId naming another sender is still the same message.
+            r = await callback(http, add_msg(556, from_user="wxid_y", content="two"))
+            assert r.status_code == 200
+            big = add_msg(557, content="x" * 100_000, create_time=0)
+            big["Data"]["PushContent"] = "p" * 200_000
+            assert (await callback(http, big)).status_code == 200
+            odd = add_msg(558, from_user="wxid:a/b", content="odd")
+            assert (await callback(http, odd)).status_code == 200
+            owner_h = bearer(owner.token)
+            msgs = [await owner.push("msg") for _ in range(3)]
+            assert [m["body"][:3] for m in msgs] == ["one", "xxx", "odd"]
+            cut = msgs[1]
+            assert len(encode_frame(cut)) <= cfg.limits.max_frame_bytes
+            assert cut["meta"]["truncated"] is True and cut["ts"] == 0
+            conv = f"wx:{APPID}:wxid:a/b"
+            r = await http.get(f"/api/v1/conversations/{conv}/messages", headers=owner_h)
+            assert [m["body"] for m in r.json()["msgs"]] == ["odd"]
+            titles = {c["conv"]: c["title"] for c in (await owner.ok("sync"))["convs"]}
+            assert titles[conv] == "wxid:a/b"
+            # Refused before the body is read: a wrong secret with a big body.
+            stream = await trio.open_tcp_stream("127.0.0.1", info.http_port)
+            await stream.send_all(
+                b"POST /wechat/callback?token=wrong HTTP/1.1\r\nHost: t\r\n"
+                b"Content-Length: 4000000\r\n\r\n"
+            )
+            with trio.fail_after(5):
+                assert (await stream.receive_some(4096)).startswith(b"HTTP/1.1 401")
+            await stream.aclose()
+        for c in clients.opened:
+            await c.aclose()
+        nursery.cancel_scope.cancel()
+    # Restart with another owner: the old one loses the account, the new one gets it.
+    cfg = test_config(wechat={"accounts": [{**account, "owners": ["newowner"]}]})
+    async with (
+        running_server(cfg, db_dsn) as info,
+        httpx.AsyncClient(base_url=f"http://127.0.0.1:{info.http_port}") as http,
+    ):
+
+        async def token_of(user: str) -> dict[str, str]:
+            body = {"user": user, "password": "password1"}
+            return bearer((await http.post("/api/v1/login", json=body)).json()["token"])
+
+        old, new = await token_of("owner"), await token_of("newowner")
+        r = await callback(http, add_msg(559, content="after the change"))
+        assert r.status_code == 200
+        for h, (n_convs, n_found, n_polled) in ((old, (0, 0, 0)), (new, (3, 2, 4))):
+            convs = (await http.get("/api/v1/conversations", headers=h)).json()["convs"]
+            assert len(convs) == n_convs, convs
+            found = (await http.get("/api/v1/search", params={"q": "o"}, headers=h)).json()
+            assert len(found["msgs"]) == n_found, found  # "one", "odd"
+            params = {"cursor": "bTE6MA", "timeout": 0}
+            r = await http.get("/api/v1/poll", params=params, headers=h)
+            assert len(r.json()["messages"]) == n_polled, r.json()

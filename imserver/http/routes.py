@@ -17,6 +17,7 @@ import hmac
 import importlib.util
 import logging
 import re
+import urllib.parse
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
@@ -167,7 +168,7 @@ def build_app(state: "ServerState") -> Any:
         """The ``sync`` list: the user's conversations, most recent first."""
         return await state.chat.sync(HttpCaller(user), {})  # type: ignore[arg-type]
 
-    @app.get("/api/v1/conversations/{conv}/messages", tags=["messages"])
+    @app.get("/api/v1/conversations/{conv:path}/messages", tags=["messages"])
     async def messages(
         conv: str,
         user: User,
@@ -276,12 +277,21 @@ def build_app(state: "ServerState") -> Any:
     if static is not None and static.is_dir():
         app.mount("/", StaticFiles(directory=static, html=True), name="web")
 
+    def admit_callback(scope: Any) -> bool:
+        query = urllib.parse.parse_qs(scope.get("query_string", b"").decode("latin-1"))
+        tokens = query.get("token", [])
+        signed = any(name == b"x-signature" for name, _ in scope.get("headers", ()))
+        return state.wechat.may_post(tokens[0] if tokens else None, signed)
+
     return RequestLimits(
         app,
         small=cfg.http.max_json_body_bytes,
         big=cfg.http.max_body_bytes,
         big_prefix="/wechat/",
         max_requests=cfg.http.max_requests,
+        body_timeout=cfg.http.body_timeout_s,
+        admit=admit_callback,
+        refused=state.stats.error,
     )
 
 
@@ -292,27 +302,22 @@ async def _long_poll(
     pollers = state.hub.pollers
     limit = state.cfg.http.poll_max_messages
     deadline = trio.current_time() + wait_s
-    first = True
-    while True:
-        try:
-            event = pollers.register(user)
-        except OpError:
-            if first:
-                raise
-            break  # another poll of this user took the slot while this one re-armed
+    msgs, last = await state.storage.poll_since(user, after, limit)
+    while not msgs and trio.current_time() < deadline:
+        # Register, then read again: a commit between that read and the wait
+        # still wakes this poll. Only polls that wait count against the caps.
+        event = pollers.register(user)
         try:
             msgs, last = await state.storage.poll_since(user, after, limit)
             if msgs:
-                return {"messages": msgs, "cursor": encode_cursor(last)}
-            first = False
-            if trio.current_time() >= deadline:
                 break
             outcome = await _wait(event, deadline, request, state.shutting_down)
         finally:
             pollers.unregister(user, event)
         if outcome != "woken":
             break
-    return {"messages": [], "cursor": cursor}
+        msgs, last = await state.storage.poll_since(user, after, limit)
+    return {"messages": msgs, "cursor": encode_cursor(last)}
 
 
 async def _wait(

@@ -150,9 +150,10 @@ class Hub:
         sweep_interval: float,
         limits: dict[str, tuple[float, float]],
         max_pollers_per_user: int = 4,
+        max_pollers: int = 1_000_000,
     ) -> None:
         #: HTTP long-polls waiting for a commit (node-local).
-        self.pollers = PollWaiters(max_pollers_per_user)
+        self.pollers = PollWaiters(max_pollers_per_user, max_pollers)
         self.shards = [HubShard(i, RateLimiter(limits), max_devices) for i in range(shards)]
         self.heartbeat_timeout = heartbeat_timeout
         self.sweep_interval = sweep_interval

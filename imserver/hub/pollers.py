@@ -17,17 +17,21 @@ from protocol.errors import ErrorCode, OpError
 
 
 class PollWaiters:
-    """Per-user sets of waiting long-polls, each at most ``max_per_user``."""
+    """Per-user sets of waiting long-polls: at most ``max_per_user`` each,
+    ``max_total`` in all (below ``http.max_requests``, so polls alone cannot
+    take every request slot)."""
 
-    def __init__(self, max_per_user: int) -> None:
+    def __init__(self, max_per_user: int, max_total: int = 1_000_000) -> None:
         self.max_per_user = max_per_user
+        self.max_total = max_total
         self._waiting: dict[str, list[trio.Event]] = {}
+        self._total = 0
 
     def __bool__(self) -> bool:
         return bool(self._waiting)
 
     def __len__(self) -> int:
-        return sum(len(v) for v in self._waiting.values())
+        return self._total
 
     def count(self, user: str) -> int:
         """Long-polls of ``user`` waiting now."""
@@ -39,8 +43,11 @@ class PollWaiters:
         Every registration must be undone with :meth:`unregister`.
 
         Raises:
-            OpError: rate_limited when ``user`` already has ``max_per_user`` waiting.
+            OpError: rate_limited when ``user`` already has ``max_per_user``
+                waiting; unavailable when ``max_total`` polls wait.
         """
+        if self._total >= self.max_total:
+            raise OpError(ErrorCode.UNAVAILABLE, "too many long-polls waiting", retry_after=1)
         events = self._waiting.setdefault(user, [])
         if len(events) >= self.max_per_user:
             raise OpError(
@@ -50,6 +57,7 @@ class PollWaiters:
             )
         event = trio.Event()
         events.append(event)
+        self._total += 1
         return event
 
     def unregister(self, user: str, event: trio.Event) -> None:
@@ -57,6 +65,7 @@ class PollWaiters:
         events = self._waiting.get(user)
         if events is not None:
             events.remove(event)
+            self._total -= 1
             if not events:
                 del self._waiting[user]
 

@@ -12,8 +12,9 @@ An ``AddMsg`` is kept whole in ``wechat_events`` once per ``(appid,
 NewMsgId)`` and becomes a message of ``wx:<appid>:<peer>`` through the batch
 writer, like any message: ``seq`` comes from the commit, the owners' devices
 get the push, and the callback is answered only after the commit. A body over
-``limits.max_body_bytes`` is cut there (``meta.truncated``) so that every push
-fits clients' frame limits; the raw event keeps it whole. Its ``cid``
+``limits.max_body_bytes`` is cut there, and ``PushContent`` at
+:data:`MAX_PUSH_CONTENT_CHARS` (``meta.truncated``), so that every push fits
+clients' frame limits; the raw event keeps them whole. Its ``cid``
 is ``<appid>:<NewMsgId>`` under the sender ``wx:<wxid>``, so a replay, however
 late, is a repeat of the first and delivers nothing again.
 """
@@ -39,6 +40,8 @@ if TYPE_CHECKING:
 log = logging.getLogger("imserver.wechat")
 
 SIGNATURE_PREFIX = "sha256="
+#: ``meta.push_content`` is cut to this many characters (the raw event keeps it).
+MAX_PUSH_CONTENT_CHARS = 1024
 
 
 class CommitWaiter:
@@ -86,6 +89,25 @@ class WeChatService:
             a["appid"]: a for a in state.cfg.wechat.accounts
         }
 
+    async def reconcile(self) -> None:
+        """At start: the WeChat conversations' members become exactly the
+        configured owners (config is the one source of who sees an account),
+        and owners that are not registered users are reported."""
+        owners = {appid: self.owners(appid) for appid in self.accounts}
+        removed, added = await self.state.storage.reconcile_wechat_owners(owners)
+        if removed or added:
+            log.info("wechat_owners_reconciled removed=%d added=%d", removed, added)
+        named = sorted({o for os in owners.values() for o in os})
+        if named:
+            known = await self.state.storage.existing_users(named)
+            for owner in named:
+                if owner not in known:
+                    log.warning(
+                        "wechat_owner_unregistered user=%s: whoever registers this name "
+                        "reads the account's messages; create the user (imserver user add)",
+                        owner,
+                    )
+
     def owners(self, appid: str) -> tuple[str, ...]:
         """The local users who see the messages of ``appid`` (none if unknown)."""
         acc = self.accounts.get(appid)
@@ -95,6 +117,17 @@ class WeChatService:
         """Whether ``user`` owns the account of the WeChat conversation ``conv``."""
         parts = conv.split(":", 2)
         return len(parts) == 3 and parts[0] == "wx" and user in self.owners(parts[1])
+
+    def may_post(self, token: str | None, signed: bool) -> bool:
+        """Before reading a callback's body: a signed one may pass (the body is
+        needed to check it), else ``token`` must be some account's secret."""
+        if signed:
+            return bool(self.accounts)
+        given = (token or "").encode("utf-8", "replace")
+        ok = False
+        for acc in self.accounts.values():
+            ok = hmac.compare_digest(given, acc["token"].encode()) or ok
+        return ok and bool(token)
 
     def admitted(self, token: str | None, signature: str | None, body: bytes) -> set[str]:
         """The appids whose secret ``token`` (or the body's ``signature``) proves.
@@ -145,18 +178,15 @@ class WeChatService:
     async def _store(self, msg: WeChatMessage) -> None:
         state = self.state
         owners = self.owners(msg.appid)
-        fresh = await state.storage.store_wechat_event(
-            msg.appid, msg.new_msg_id, msg.raw, state.clock.now_ms()
+        # The sender of the first delivery keys the message: a replay that
+        # names another sender is still a repeat of the same (sender, cid).
+        sender = await state.storage.store_wechat_event(
+            msg.appid, msg.new_msg_id, msg.sender, msg.raw, state.clock.now_ms()
         )
-        body, meta = msg.body, msg.meta
-        limit = state.cfg.limits.max_body_bytes
-        if len(body) * 4 > limit and len(encoded := body.encode()) > limit:
-            # The push must fit clients' frame limits; the raw event keeps it whole.
-            body = encoded[:limit].decode("utf-8", "ignore")
-            meta = {**meta, "truncated": True}
+        body, meta = self._fit(msg)
         waiter = CommitWaiter()
         row = SendRow(
-            sender=msg.sender,
+            sender=sender,
             cid=f"{msg.appid}:{msg.new_msg_id}",
             conv=msg.conv,
             conv_kind="wechat",
@@ -167,18 +197,39 @@ class WeChatService:
             reply_to=None,
             members=owners,
             ref=(waiter, 0),
-            ts=msg.ts,
+            own_ts=msg.ts,
         )
         try:
             state.writer.submit_send(row)
         except StorageUnavailable as e:
             raise OpError(ErrorCode.UNAVAILABLE, str(e)) from None
-        reply = await waiter.wait(state.cfg.batch.commit_timeout * 2 + 5)
+        reply = await waiter.wait(self.commit_wait_s)
         log.info(
-            "wechat_message appid=%s conv=%s seq=%s kind=%s new=%s",
+            "wechat_message appid=%s conv=%s seq=%s kind=%s repeat=%s",
             msg.appid,
             msg.conv,
             reply.get("seq"),
             msg.kind,
-            fresh,
+            sender != msg.sender,
         )
+
+    @property
+    def commit_wait_s(self) -> float:
+        """Longest a callback waits for its commit before answering 503."""
+        return self.state.cfg.batch.commit_timeout * 2 + 5
+
+    def _fit(self, msg: WeChatMessage) -> tuple[str, dict[str, Any]]:
+        """Body and meta cut to the limits every push and sync entry must fit."""
+        lim = self.state.cfg.limits
+        body, meta = msg.body, dict(msg.meta)
+        if (
+            len(body) * 4 > lim.max_body_bytes
+            and len(encoded := body.encode()) > lim.max_body_bytes
+        ):
+            body = encoded[: lim.max_body_bytes].decode("utf-8", "ignore")
+            meta["truncated"] = True
+        push = meta.get("push_content")
+        if isinstance(push, str) and len(push) > MAX_PUSH_CONTENT_CHARS:
+            meta["push_content"] = push[:MAX_PUSH_CONTENT_CHARS]
+            meta["truncated"] = True
+        return body, meta

@@ -323,10 +323,28 @@ class Storage:
         return await self._acquire_run(_q_poll_since, viewer, after_mid, limit)
 
     async def store_wechat_event(
-        self, appid: str, new_msg_id: int, raw: dict[str, Any], now_ms: int
-    ) -> bool:
-        """Keep a WeChat event as received, once per (appid, new_msg_id); True if new."""
-        return await self._acquire_run(_q_store_wechat_event, appid, new_msg_id, raw, now_ms)
+        self, appid: str, new_msg_id: int, sender: str, raw: dict[str, Any], now_ms: int
+    ) -> str:
+        """Keep a WeChat event as received, once per (appid, new_msg_id).
+
+        Returns the sender stored with its first delivery: a replay's message
+        is keyed by that (with the cid) whatever the replay says.
+        """
+        return await self._acquire_run(
+            _q_store_wechat_event, appid, new_msg_id, sender, raw, now_ms
+        )
+
+    async def reconcile_wechat_owners(self, owners: dict[str, tuple[str, ...]]) -> tuple[int, int]:
+        """Make the WeChat conversations' members exactly the configured owners.
+
+        Removes ``user_convs`` rows of users who no longer own the account (and
+        of accounts no longer configured), adds rows for current owners; returns
+        (removed, added).
+        """
+        pairs = [(appid, o) for appid, os in owners.items() for o in os]
+        return await self._acquire_run(
+            _q_reconcile_wechat_owners, [a for a, _ in pairs], [o for _, o in pairs]
+        )
 
     # -- groups and message state ---------------------------------------------
 
@@ -725,6 +743,8 @@ def conv_title(conv: str, kind: str, viewer: str) -> str:
     if kind == "direct":
         _, a, b = conv.split(":", 2)
         return b if a == viewer else a
+    if kind == "wechat":
+        return conv.split(":", 2)[-1]  # wx:<appid>:<peer>; the appid has no ':'
     return conv.rsplit(":", 1)[-1]
 
 
@@ -779,38 +799,88 @@ async def _q_history(
 async def _q_poll_since(
     conn: asyncpg.Connection, viewer: str, after_mid: int | None, limit: int
 ) -> tuple[list[dict[str, Any]], int]:
-    if after_mid is None:
-        return [], await conn.fetchval("SELECT COALESCE(max(mid), 0) FROM messages")
-    rows = await conn.fetch(
-        f"""
-        SELECT {", ".join("m." + c for c in MSG_COLUMNS.split(", "))}
-        FROM messages m
-        JOIN user_convs uc ON uc.conv = m.conv AND uc.user_name = $1
-        WHERE m.mid > $2 AND m.seq <= COALESCE(uc.left_seq, m.seq)
-          AND {_NOT_HIDDEN.format(m="m")}
-        ORDER BY m.mid
-        LIMIT $3
-        """,
-        viewer,
-        after_mid,
-        limit,
-    )
-    last = rows[-1]["mid"] if rows else after_mid
+    async with conn.transaction(isolation="repeatable_read", readonly=True):
+        top: int = await conn.fetchval("SELECT COALESCE(max(mid), 0) FROM messages")
+        if after_mid is None or after_mid >= top:
+            return [], top
+        # Walks the mid index from the cursor (commit order: one writer
+        # commits one batch at a time), so the cost is the traffic since the
+        # cursor, which moves to `top` when nothing of the viewer's is there.
+        rows = await conn.fetch(
+            f"""
+            SELECT {", ".join("m." + c for c in MSG_COLUMNS.split(", "))}
+            FROM messages m
+            JOIN user_convs uc ON uc.conv = m.conv AND uc.user_name = $1
+            WHERE m.mid > $2 AND m.mid <= $4 AND m.seq <= COALESCE(uc.left_seq, m.seq)
+              AND {_NOT_HIDDEN.format(m="m")}
+            ORDER BY m.mid
+            LIMIT $3
+            """,
+            viewer,
+            after_mid,
+            limit,
+            top,
+        )
+    last = rows[-1]["mid"] if len(rows) == limit else top
     return [msg_to_frame(r, viewer) for r in rows], last
 
 
 async def _q_store_wechat_event(
-    conn: asyncpg.Connection, appid: str, new_msg_id: int, raw: dict[str, Any], now: int
-) -> bool:
-    status = await conn.execute(
-        "INSERT INTO wechat_events (appid, new_msg_id, received_ms, raw) "
-        "VALUES ($1, $2, $3, $4) ON CONFLICT DO NOTHING",
+    conn: asyncpg.Connection,
+    appid: str,
+    new_msg_id: int,
+    sender: str,
+    raw: dict[str, Any],
+    now: int,
+) -> str:
+    stored: str | None = await conn.fetchval(
+        "INSERT INTO wechat_events (appid, new_msg_id, sender, received_ms, raw) "
+        "VALUES ($1, $2, $3, $4, $5) ON CONFLICT DO NOTHING RETURNING sender",
         appid,
         new_msg_id,
+        sender,
         now,
         raw,
     )
-    return bool(status.endswith(" 1"))
+    if stored is None:
+        stored = await conn.fetchval(
+            "SELECT sender FROM wechat_events WHERE appid = $1 AND new_msg_id = $2",
+            appid,
+            new_msg_id,
+        )
+    assert stored is not None
+    return stored
+
+
+async def _q_reconcile_wechat_owners(
+    conn: asyncpg.Connection, appids: list[str], owners: list[str]
+) -> tuple[int, int]:
+    async with conn.transaction():
+        removed = await conn.execute(
+            """
+            DELETE FROM user_convs uc
+            USING conversations c
+            WHERE c.conv = uc.conv AND c.kind = 'wechat'
+              AND NOT EXISTS (
+                SELECT 1 FROM unnest($1::text[], $2::text[]) AS o(appid, owner)
+                WHERE o.appid = split_part(uc.conv, ':', 2) AND o.owner = uc.user_name)
+            """,
+            appids,
+            owners,
+        )
+        added = await conn.execute(
+            """
+            INSERT INTO user_convs (user_name, conv)
+            SELECT o.owner, c.conv
+            FROM conversations c
+            JOIN unnest($1::text[], $2::text[]) AS o(appid, owner)
+              ON c.kind = 'wechat' AND split_part(c.conv, ':', 2) = o.appid
+            ON CONFLICT DO NOTHING
+            """,
+            appids,
+            owners,
+        )
+    return int(removed.split()[-1]), int(added.split()[-1])
 
 
 async def _q_existing_users(conn: asyncpg.Connection, names: list[str]) -> set[str]:
@@ -1025,8 +1095,7 @@ def _assign_seqs(fresh: list[SendRow], base: dict[str, int], ts: int) -> dict[st
         s += 1
         new_last[r.conv] = s
         r.seq = s
-        if not r.ts:  # entries ingested from elsewhere keep their own time (WeChat)
-            r.ts = ts
+        r.ts = ts if r.own_ts is None else r.own_ts  # WeChat entries keep their own time
     return new_last
 
 

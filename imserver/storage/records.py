@@ -26,6 +26,9 @@ class SendRow:
     # commit applies in the same transaction, after the insert.
     action: Any = None
     effect: GroupEffect | RecallEffect | None = None
+    #: The entry's own time, kept by the commit (WeChat's CreateTime); None:
+    #: the commit's clock.
+    own_ts: int | None = None
     # Filled by the commit:
     mid: int = 0
     seq: int = 0
