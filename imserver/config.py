@@ -123,7 +123,7 @@ class DatabaseSection:
 @dataclasses.dataclass
 class BatchSection:
     max_rows: int = _field(512, 1, 100_000)
-    max_delay_ms: float = _field(2.0, 0.0, 10_000.0)
+    max_delay_ms: float = _field(0.0, 0.0, 10_000.0)
     max_queue: int = _field(16384, 1, 10_000_000)
     commit_timeout: float = _field(5.0, 0.1, 600.0)
     retry_backoff: float = _field(0.5, 0.0, 60.0)

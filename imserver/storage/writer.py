@@ -8,9 +8,11 @@ raises :class:`StorageUnavailable` at once (the client gets ``unavailable``;
 nothing is dropped silently).
 
 One writer task takes everything queued, up to ``batch.max_rows`` messages,
-waiting at most ``batch.max_delay_ms`` after the first item for the batch to
-fill, and commits it in one transaction (one bridge hop). While a batch is
-committing, the next one collects. Cursor updates are coalesced per
+and commits it in one transaction (one bridge hop). While a batch is
+committing, the next one collects, so batches grow with load by themselves
+("natural" group commit); ``batch.max_delay_ms`` > 0 (default 0) also waits
+that long after the first item for a batch to fill, which measured slower
+here at every load (docs/benchmarks.md). Cursor updates are coalesced per
 (user, conv, field): the highest seq wins.
 
 Before the commit, ``prepare(rows)`` (when set) checks the batch's rows in
