@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import resource
 import signal
 from typing import Any
 
@@ -99,6 +100,37 @@ async def serve(
         await storage.aclose()
 
 
+#: File descriptors kept free beyond client connections: the pool, the
+#: writer's connection, listeners, logs, PostgreSQL's socket, HTTP requests.
+FD_RESERVE_BASE = 64
+
+
+def connection_cap(cfg: Config, nofile: tuple[int, int]) -> int:
+    """Framed connections this process can hold: ``limits.max_connections``,
+    lowered to fit the open-file limit ``nofile`` (soft, hard) with room for
+    the pool and the HTTP shim, so a connection past it is closed at accept
+    instead of the accept loop failing with EMFILE."""
+    soft = nofile[0]
+    if soft == resource.RLIM_INFINITY:
+        return cfg.limits.max_connections
+    reserve = FD_RESERVE_BASE + cfg.database.pool_size
+    if cfg.http.enabled:
+        reserve += cfg.http.max_requests
+    return max(1, min(cfg.limits.max_connections, soft - reserve))
+
+
+def _raise_nofile() -> tuple[int, int]:
+    """Raise the soft open-file limit to the hard one; return (soft, hard) after."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+        except (ValueError, OSError):
+            pass
+    return soft, hard
+
+
 def _build_state(cfg: Config, storage: Storage, clock: Clock | None = None) -> ServerState:
     """The hub, writer and services of one server, wired together (no I/O)."""
     clock = clock or Clock()
@@ -165,9 +197,16 @@ async def _serve(
     state = _build_state(cfg, storage, clock)
     hub, writer = state.hub, state.writer
     await state.wechat.reconcile()
+    max_connections = connection_cap(cfg, _raise_nofile())
+    if max_connections < cfg.limits.max_connections:
+        log.info(
+            "max_connections_lowered to=%d configured=%d reason=open_file_limit",
+            max_connections,
+            cfg.limits.max_connections,
+        )
 
     def over_capacity() -> bool:
-        if len(state.sessions) >= cfg.limits.max_connections:
+        if len(state.sessions) >= max_connections:
             state.stats.error("over_capacity")
             log.warning("connection_refused reason=max_connections")
             return True

@@ -132,3 +132,19 @@ async def test_migrate_user_add_and_token(db_dsn: str, tmp_path: Path) -> None:
             await c.aclose()
         finally:
             info.shutdown()
+
+
+def test_connection_cap_fits_the_open_file_limit() -> None:
+    import resource
+
+    from imserver.app import FD_RESERVE_BASE, connection_cap
+
+    cfg = test_config()
+    reserve = FD_RESERVE_BASE + cfg.database.pool_size + cfg.http.max_requests
+    assert connection_cap(cfg, (20_000, 20_000)) == 20_000 - reserve
+    assert connection_cap(cfg, (resource.RLIM_INFINITY, resource.RLIM_INFINITY)) == 100_000
+    small = test_config(limits={"max_connections": 50})
+    assert connection_cap(small, (20_000, 20_000)) == 50
+    no_http = test_config(http={"enabled": False})
+    assert connection_cap(no_http, (1_000, 1_000)) == 1_000 - FD_RESERVE_BASE - 8
+    assert connection_cap(cfg, (100, 100)) == 1  # never zero
