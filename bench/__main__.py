@@ -1,6 +1,6 @@
 """``python -m bench <scenario> [options]``: load tests for imserver (see bench/README.md).
 
-Scenarios: ``pairs``, ``fanout``, ``idle``, ``storm``; more (``history``) can be
+Scenarios: ``pairs``, ``fanout``, ``idle``, ``storm``, ``history``; more can be
 added as modules with ``add_arguments(parser)`` and ``run(args)``.
 """
 
@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from . import common, fanout, idle, pairs, storm
+from . import common, fanout, history, idle, pairs, storm
 
 SCENARIOS = {
     "pairs": (pairs, "P sender/receiver pairs: s{i} sends to r{i} (throughput, latency, order)"),
@@ -24,6 +24,10 @@ SCENARIOS = {
     "storm": (
         storm,
         "N offline users get M messages each, then all reconnect at once and catch up",
+    ),
+    "history": (
+        history,
+        "C HTTP clients, closed loop: history pages and searches per second, latency per kind",
     ),
 }
 
