@@ -222,6 +222,9 @@ async def _prepare(
         conns[i] = conn
 
     rid = [10]
+    # Every conversation each user is in, as sync lists them: an earlier run
+    # with other --users/--partners on the same data dir may have made more.
+    member: dict[int, set[str]] = {}
 
     async def last_seqs() -> dict[str, int]:
         out: dict[str, int] = {}
@@ -231,8 +234,10 @@ async def _prepare(
             reply = await common.request(conns[i], {"op": "sync", "rid": rid[0]})
             if reply.get("op") != "ok":
                 raise BenchError(f"{names[i]}: sync failed: {reply.get('code')}")
+            member[i] = set()
             for cv in reply.get("convs", []):
                 out[str(cv.get("conv"))] = int(cv.get("last_seq") or 0)
+                member[i].add(str(cv.get("conv")))
 
         async with trio.open_nursery() as n:
             for i in range(U):
@@ -339,6 +344,7 @@ async def _prepare(
         "seed_s": round(seed_s, 1),
         "seed_errors": dict(errors),
         "last": last,
+        "member": {i: sorted(v) for i, v in member.items()},
         "pairs": pairs,
     }
 
@@ -488,7 +494,7 @@ async def _run_history(spec: dict[str, Any], link: common.WorkerLink) -> dict[st
     common.raise_nofile()
     rng = random.Random(spec["seed"])
     users: list[tuple[str, str, list[tuple[str, int]]]] = spec["users"]
-    mine = {u: {c for c, _ in convs} for u, _, convs in users}
+    mine = {u: set(convs) for u, convs in spec["member"].items()}
     n_clients = spec["clients"]
     search_share, rare_share, conv_share = (
         spec["search_share"],
@@ -743,6 +749,14 @@ def run(args: argparse.Namespace) -> int:
         tokens = common.load_tokens()
         try:
             prep = trio.run(_prepare, args, tcp_port, tokens, progress)
+        except BaseExceptionGroup as eg:
+            bench_errors, rest = eg.split((BenchError, Closed))
+            if rest is not None or bench_errors is None:
+                raise
+            first: BaseException = bench_errors
+            while isinstance(first, BaseExceptionGroup):
+                first = first.exceptions[0]
+            raise BenchError(f"setup: {first}") from None
         except trio.TooSlowError:
             raise BenchError(f"registration + seeding took over {args.seed_timeout:g} s") from None
         finally:
@@ -753,6 +767,7 @@ def run(args: argparse.Namespace) -> int:
             convs_of[a].append((c, prep["last"][c]))
             convs_of[b].append((c, prep["last"][c]))
         user_list = [(f"{PREFIX}{i}", tokens[f"{PREFIX}{i}"], convs_of[i]) for i in range(U)]
+        member = {f"{PREFIX}{i}": prep["member"][i] for i in range(U)}
         visible = [sum(s for _, s in convs_of[i]) for i in range(U)]
         seed = secrets.randbits(32)
         specs = [
@@ -762,6 +777,7 @@ def run(args: argparse.Namespace) -> int:
                 "http_port": http_port,
                 "clients": len(range(w, C, procs)),
                 "users": user_list,
+                "member": member,
                 "search_share": args.search_share,
                 "rare_share": args.rare_share,
                 "conv_share": args.conv_share,
