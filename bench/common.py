@@ -708,6 +708,54 @@ class SpawnedServer:
         return out
 
 
+def require_spawn_host(host: str) -> None:
+    """Refuse ``--spawn-server`` with a ``--host`` other than 127.0.0.1/localhost.
+
+    The spawned server listens on 127.0.0.1 only.
+    """
+    if host not in ("127.0.0.1", "localhost"):
+        raise BenchError("--spawn-server listens on 127.0.0.1; leave --host at its default")
+
+
+def start_server(server: SpawnedServer, config: Path, server_cpus: str | None) -> None:
+    """Start ``server``, printing the "starting" and "server up in" lines to stderr."""
+    print(
+        f"bench: starting server (taskset -c {server_cpus}) with {config.name} ...",
+        file=sys.stderr,
+    )
+    t = time.monotonic()
+    server.start()
+    print(
+        f"bench: server up in {time.monotonic() - t:.1f} s (pid {server.pid})",
+        file=sys.stderr,
+    )
+
+
+def stop_server(server: SpawnedServer | None) -> tuple[int | None, list[str]]:
+    """Stop a spawned server (if any): its exit code and its log's warning/error lines.
+
+    ``(None, [])`` when no server was spawned.
+    """
+    if server is None:
+        return None, []
+    server_exit = server.stop()
+    return server_exit, server.log_problems()
+
+
+def server_warnings(problems: list[str], server_exit: int | None) -> list[str]:
+    """Summary lines warning about the server log's problems and a non-zero exit code."""
+    lines: list[str] = []
+    if problems:
+        lines.append(
+            f"  WARNING: server log has {len(problems)} warning/error line(s) "
+            f"({SERVER_LOG}), first:"
+        )
+        lines += ["    " + p[:300] for p in problems[:5]]
+    if server_exit not in (None, 0):
+        lines.append(f"  WARNING: server exited with code {server_exit}")
+    return lines
+
+
 def load_tokens() -> dict[str, str]:
     with contextlib.suppress(OSError, ValueError):
         data = json.loads(TOKEN_CACHE.read_text())

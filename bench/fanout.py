@@ -964,22 +964,12 @@ def run(args: argparse.Namespace) -> int:
         if args.spawn_server:
             config = Path(args.server_config).resolve()
             server = common.SpawnedServer(config, server_cpus, host="127.0.0.1")
-            if args.host not in ("127.0.0.1", "localhost"):
-                raise BenchError("--spawn-server listens on 127.0.0.1; leave --host at its default")
+            common.require_spawn_host(args.host)
             tcp_port = args.port or server.tcp_port
             ws_port = args.ws_port or server.ws_port
             if (tcp_port, ws_port) != (server.tcp_port, server.ws_port):
                 raise BenchError(f"--port/--ws-port are not the ports of {config}")
-            print(
-                f"bench: starting server (taskset -c {server_cpus}) with {config.name} ...",
-                file=sys.stderr,
-            )
-            t = time.monotonic()
-            server.start()
-            print(
-                f"bench: server up in {time.monotonic() - t:.1f} s (pid {server.pid})",
-                file=sys.stderr,
-            )
+            common.start_server(server, config, server_cpus)
         if gen_cpus is not None:
             common.set_affinity(common.parse_cpus(gen_cpus))
         tokens = common.load_tokens()
@@ -1041,11 +1031,7 @@ def run(args: argparse.Namespace) -> int:
         finally:
             common.save_tokens(tokens)
     finally:
-        server_exit = None
-        problems: list[str] = []
-        if server is not None:
-            server_exit = server.stop()
-            problems = server.log_problems()
+        server_exit, problems = common.stop_server(server)
 
     r = results[0]
     dur = args.duration
@@ -1234,14 +1220,7 @@ def run(args: argparse.Namespace) -> int:
             f"  WARNING: {r['members_kicked']} member connection(s) kicked "
             f"({', '.join(f'{k} {v}' for k, v in sorted(kicked.items()))})"
         )
-    if problems:
-        lines.append(
-            f"  WARNING: server log has {len(problems)} warning/error line(s) "
-            f"({common.SERVER_LOG}), first:"
-        )
-        lines += ["    " + p[:300] for p in problems[:5]]
-    if server_exit not in (None, 0):
-        lines.append(f"  WARNING: server exited with code {server_exit}")
+    lines += common.server_warnings(problems, server_exit)
     common.emit(result, "\n".join(lines), args.json)
     if args.plot:
         from . import plot
@@ -1255,22 +1234,7 @@ def run(args: argparse.Namespace) -> int:
         path = plot.write(
             plot.png_path(args.json, "fanout", result["date"]),
             title + plot.subtitle(result),
-            [
-                (
-                    "cdf",
-                    "latency (scheduled or actual send -> ack / delivery), measured window",
-                    {"send->ack": ack_ms, "send->delivery": del_ms},
-                ),
-                (
-                    "series",
-                    "throughput over time (warmup, window, drain; per second)",
-                    "per second",
-                    {
-                        "acked/s": ([x[0] for x in timeline], [x[1] for x in timeline]),
-                        "delivered/s": ([x[0] for x in timeline], [x[2] for x in timeline]),
-                    },
-                ),
-            ],
+            plot.ack_delivery_panels(ack_ms, del_ms, timeline),
         )
         print(f"bench: plot written to {path}", file=sys.stderr)
     return 1 if bad else 0

@@ -728,8 +728,7 @@ def run(args: argparse.Namespace) -> int:
         if args.spawn_server:
             config = Path(cfg_path).resolve()
             server = common.SpawnedServer(config, server_cpus, host="127.0.0.1")
-            if args.host not in ("127.0.0.1", "localhost"):
-                raise BenchError("--spawn-server listens on 127.0.0.1; leave --host at its default")
+            common.require_spawn_host(args.host)
             tcp_port = server.tcp_port
             if common._port_open("127.0.0.1", http_port):
                 raise BenchError(f"something already listens on 127.0.0.1:{http_port}")
@@ -819,11 +818,7 @@ def run(args: argparse.Namespace) -> int:
             progress=progress,
         )
     finally:
-        server_exit = None
-        problems: list[str] = []
-        if server is not None:
-            server_exit = server.stop()
-            problems = server.log_problems()
+        server_exit, problems = common.stop_server(server)
 
     dur = args.duration
     count: Counter[str] = Counter()
@@ -989,14 +984,7 @@ def run(args: argparse.Namespace) -> int:
         )
     for k, v in sorted(first_error.items()):
         lines.append(f"  first '{k}': {v}")
-    if problems:
-        lines.append(
-            f"  WARNING: server log has {len(problems)} warning/error line(s) "
-            f"({common.SERVER_LOG}), first:"
-        )
-        lines += ["    " + p[:300] for p in problems[:5]]
-    if server_exit not in (None, 0):
-        lines.append(f"  WARNING: server exited with code {server_exit}")
+    lines += common.server_warnings(problems, server_exit)
     common.emit(result, "\n".join(lines), args.json)
     if args.plot:
         from . import plot

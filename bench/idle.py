@@ -448,17 +448,8 @@ def run(args: argparse.Namespace) -> int:
             config = Path(cfg_path).resolve()
             server = common.SpawnedServer(config, server_cpus, host="127.0.0.1")
             tcp_port, ws_port = server.tcp_port, server.ws_port
-            print(
-                f"bench: starting server (taskset -c {server_cpus}) with {config.name} ...",
-                file=sys.stderr,
-            )
-            t = time.monotonic()
-            server.start()
+            common.start_server(server, config, server_cpus)
             server_pid = server.pid
-            print(
-                f"bench: server up in {time.monotonic() - t:.1f} s (pid {server_pid})",
-                file=sys.stderr,
-            )
             time.sleep(1.0)
         if server_pid is None:
             print("bench: no --server-pid: no RSS figures", file=sys.stderr)
@@ -564,11 +555,7 @@ def run(args: argparse.Namespace) -> int:
         finally:
             common.save_tokens(tokens)
     finally:
-        server_exit = None
-        problems: list[str] = []
-        if server is not None:
-            server_exit = server.stop()
-            problems = server.log_problems()
+        server_exit, problems = common.stop_server(server)
 
     def tot(k: str) -> int:
         return sum(int(r[k]) for r in results)
@@ -697,14 +684,7 @@ def run(args: argparse.Namespace) -> int:
         lines.append("  WARNING: load generator saturated; use --procs with more CPUs")
     for k, v in sorted(first_error.items()):
         lines.append(f"  first '{k}': {v}")
-    if problems:
-        lines.append(
-            f"  WARNING: server log has {len(problems)} warning/error line(s) "
-            f"({common.SERVER_LOG}), first:"
-        )
-        lines += ["    " + p[:300] for p in problems[:5]]
-    if server_exit not in (None, 0):
-        lines.append(f"  WARNING: server exited with code {server_exit}")
+    lines += common.server_warnings(problems, server_exit)
     common.emit(result, "\n".join(lines), args.json)
     if args.plot:
         from . import plot

@@ -131,3 +131,32 @@ def subtitle(result: dict[str, Any]) -> str:
         f"{result.get('cpu_model')} x{result.get('nproc')}, {result.get('date')}, "
         f"commit {result.get('git_commit')}{dirty}{cont}"
     )
+
+
+def ack_delivery_panels(
+    ack_ms: Sequence[float],
+    del_ms: Sequence[float],
+    timeline: Sequence[tuple[float, float, float]],
+) -> list[Panel]:
+    """The send->ack / send->delivery latency CDF and the acked/delivered per second series.
+
+    Shared by the message scenarios (pairs, fanout). ``timeline`` holds
+    ``(seconds since start, acked/s, delivered/s)`` rows.
+    """
+    xs = [x[0] for x in timeline]
+    return [
+        (
+            "cdf",
+            "latency (scheduled or actual send -> ack / delivery), measured window",
+            {"send->ack": ack_ms, "send->delivery": del_ms},
+        ),
+        (
+            "series",
+            "throughput over time (warmup, window, drain; per second)",
+            "per second",
+            {
+                "acked/s": (xs, [x[1] for x in timeline]),
+                "delivered/s": (xs, [x[2] for x in timeline]),
+            },
+        ),
+    ]

@@ -526,19 +526,9 @@ def run(args: argparse.Namespace) -> int:
                 cfg_path = str(DEFAULT_CONFIG)  # cheap argon2 for thousands of users
             config = Path(cfg_path).resolve()
             server = common.SpawnedServer(config, server_cpus, host="127.0.0.1")
-            if args.host not in ("127.0.0.1", "localhost"):
-                raise BenchError("--spawn-server listens on 127.0.0.1; leave --host at its default")
+            common.require_spawn_host(args.host)
             tcp_port, ws_port = server.tcp_port, server.ws_port
-            print(
-                f"bench: starting server (taskset -c {server_cpus}) with {config.name} ...",
-                file=sys.stderr,
-            )
-            t = time.monotonic()
-            server.start()
-            print(
-                f"bench: server up in {time.monotonic() - t:.1f} s (pid {server.pid})",
-                file=sys.stderr,
-            )
+            common.start_server(server, config, server_cpus)
         if gen_cpus is not None:
             common.set_affinity(common.parse_cpus(gen_cpus))
         tokens = common.load_tokens()
@@ -646,11 +636,7 @@ def run(args: argparse.Namespace) -> int:
             on_tick=on_tick,
         )
     finally:
-        server_exit = None
-        problems: list[str] = []
-        if server is not None:
-            server_exit = server.stop()
-            problems = server.log_problems()
+        server_exit, problems = common.stop_server(server)
 
     def tot(k: str) -> int:
         return sum(int(r[k]) for r in results)
@@ -771,14 +757,7 @@ def run(args: argparse.Namespace) -> int:
         lines.append("  WARNING: load generator saturated: the time is an upper bound")
     for k, v in sorted(first_error.items()):
         lines.append(f"  first '{k}': {v}")
-    if problems:
-        lines.append(
-            f"  WARNING: server log has {len(problems)} warning/error line(s) "
-            f"({common.SERVER_LOG}), first:"
-        )
-        lines += ["    " + p[:300] for p in problems[:5]]
-    if server_exit not in (None, 0):
-        lines.append(f"  WARNING: server exited with code {server_exit}")
+    lines += common.server_warnings(problems, server_exit)
     common.emit(result, "\n".join(lines), args.json)
     if args.plot:
         from . import plot
