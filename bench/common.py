@@ -708,6 +708,52 @@ class SpawnedServer:
         return out
 
 
+def choose_cpus(
+    cpu: str | None, server_cpu: str | None, spawn_server: bool
+) -> tuple[str | None, str | None]:
+    """The load generator's and the server's CPU lists (``--cpu``, ``--server-cpu``).
+
+    With ``--spawn-server`` and no ``--cpu`` the generator takes CPU 1; on a
+    one-CPU machine nothing is pinned.
+    """
+    gen_cpus = cpu
+    if spawn_server and gen_cpus is None:
+        gen_cpus = "1" if (os.cpu_count() or 1) > 1 else None
+    server_cpus = server_cpu if (os.cpu_count() or 1) > 1 else None
+    return gen_cpus, server_cpus
+
+
+def foreign_cpu(
+    busy: dict[int, float],
+    gen_cpus: str | None,
+    server_cpus: str | None,
+    gen_own: float | None,
+    server_own: float | None,
+) -> tuple[float | None, float | None]:
+    """What other processes used on the pinned CPUs (percent of a core): ``(gen, server)``.
+
+    The busy time of the generator's (server's) CPUs minus our own processes'
+    CPU there (``gen_own``, ``server_own``). ``None`` when that is not known:
+    no busy figures, the CPUs not pinned, no own figure, or the two CPU sets
+    overlapping.
+    """
+    foreign_gen = foreign_srv = None
+    if gen_cpus is not None and busy and gen_own is not None:
+        gen_set = parse_cpus(gen_cpus)
+        if server_cpus is None or not gen_set & parse_cpus(server_cpus):
+            foreign_gen = round(max(0.0, sum(busy.get(c, 0.0) for c in gen_set) - gen_own), 1)
+    if server_cpus is not None and busy and server_own is not None:
+        srv_set = parse_cpus(server_cpus)
+        if gen_cpus is None or not srv_set & parse_cpus(gen_cpus):
+            foreign_srv = round(max(0.0, sum(busy.get(c, 0.0) for c in srv_set) - server_own), 1)
+    return foreign_gen, foreign_srv
+
+
+def first_error_lines(first_error: dict[str, str]) -> list[str]:
+    """Summary lines with the first error message of each kind, sorted by kind."""
+    return [f"  first '{k}': {v}" for k, v in sorted(first_error.items())]
+
+
 def require_spawn_host(host: str) -> None:
     """Refuse ``--spawn-server`` with a ``--host`` other than 127.0.0.1/localhost.
 

@@ -956,10 +956,7 @@ def run(args: argparse.Namespace) -> int:
 
     env = common.environment()
     server = None
-    gen_cpus = args.cpu
-    if args.spawn_server and gen_cpus is None:
-        gen_cpus = "1" if (os.cpu_count() or 1) > 1 else None
-    server_cpus = args.server_cpu if (os.cpu_count() or 1) > 1 else None
+    gen_cpus, server_cpus = common.choose_cpus(args.cpu, args.server_cpu, args.spawn_server)
     try:
         if args.spawn_server:
             config = Path(args.server_config).resolve()
@@ -1046,17 +1043,13 @@ def run(args: argparse.Namespace) -> int:
     saturated = gen_cpu is not None and gen_cpu > common.SATURATED_PCT
     lagging = loop_p99 > LOOP_LAG_SATURATED_MS
     busy = observed.get("cpu_busy_pct") or {}
-    foreign_gen = foreign_srv = None
-    if gen_cpus is not None and busy and gen_cpu is not None:
-        gen_set = common.parse_cpus(gen_cpus)
-        if server_cpus is None or not gen_set & common.parse_cpus(server_cpus):
-            own = gen_cpu + (observed.get("parent_cpu_pct") or 0.0)
-            foreign_gen = round(max(0.0, sum(busy.get(c, 0.0) for c in gen_set) - own), 1)
-    if args.spawn_server and server_cpus is not None and busy and "server_cpu_pct" in observed:
-        srv_set = common.parse_cpus(server_cpus)
-        if gen_cpus is None or not srv_set & common.parse_cpus(gen_cpus):
-            own = observed["server_cpu_pct"]
-            foreign_srv = round(max(0.0, sum(busy.get(c, 0.0) for c in srv_set) - own), 1)
+    foreign_gen, foreign_srv = common.foreign_cpu(
+        busy,
+        gen_cpus,
+        server_cpus,
+        gen_cpu + (observed.get("parent_cpu_pct") or 0.0) if gen_cpu is not None else None,
+        observed.get("server_cpu_pct") if args.spawn_server else None,
+    )
     contended = any(x is not None and x > common.CONTENDED_PCT for x in (foreign_gen, foreign_srv))
     # Overloaded (sends unanswered or deliveries still queued when the drain
     # ran out): acked messages not yet delivered are the server's backlog, not

@@ -710,10 +710,7 @@ def run(args: argparse.Namespace) -> int:
     progress = common.Progress(not args.quiet)
     env = common.environment()
     server = None
-    gen_cpus = args.cpu
-    if args.spawn_server and gen_cpus is None:
-        gen_cpus = "1" if (os.cpu_count() or 1) > 1 else None
-    server_cpus = args.server_cpu if (os.cpu_count() or 1) > 1 else None
+    gen_cpus, server_cpus = common.choose_cpus(args.cpu, args.server_cpu, args.spawn_server)
     cfg_path = args.server_config
     if cfg_path == str(common.DEFAULT_CONFIG):
         cfg_path = str(DEFAULT_CONFIG)  # cheap argon2 for the registrations
@@ -982,8 +979,7 @@ def run(args: argparse.Namespace) -> int:
             "  WARNING: load generator saturated: reads/s is a lower bound, latencies include "
             "its backlog (add CPUs with --cpu and --procs)"
         )
-    for k, v in sorted(first_error.items()):
-        lines.append(f"  first '{k}': {v}")
+    lines += common.first_error_lines(first_error)
     lines += common.server_warnings(problems, server_exit)
     common.emit(result, "\n".join(lines), args.json)
     if args.plot:

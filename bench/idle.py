@@ -434,10 +434,7 @@ def run(args: argparse.Namespace) -> int:
 
     env = common.environment()
     server = None
-    gen_cpus = args.cpu
-    if args.spawn_server and gen_cpus is None:
-        gen_cpus = "1" if (os.cpu_count() or 1) > 1 else None
-    server_cpus = args.server_cpu if (os.cpu_count() or 1) > 1 else None
+    gen_cpus, server_cpus = common.choose_cpus(args.cpu, args.server_cpu, args.spawn_server)
     server_pid = args.server_pid
     rss: dict[str, Any] = {"series": []}
     try:
@@ -578,17 +575,13 @@ def run(args: argparse.Namespace) -> int:
     cpu_per_proc = [round(r["cpu_pct"], 1) for r in results if r["cpu_pct"] is not None]
     saturated = bool(cpu_per_proc) and max(cpu_per_proc) > common.SATURATED_PCT
     busy = observed.get("cpu_busy_pct") or {}
-    foreign_gen = foreign_srv = None
-    if gen_cpus is not None and busy and cpu_per_proc:
-        gen_set = common.parse_cpus(gen_cpus)
-        if server_cpus is None or not gen_set & common.parse_cpus(server_cpus):
-            own = sum(cpu_per_proc) + (observed.get("parent_cpu_pct") or 0.0)
-            foreign_gen = round(max(0.0, sum(busy.get(c, 0.0) for c in gen_set) - own), 1)
-    if args.spawn_server and server_cpus is not None and busy and "server_cpu_pct" in observed:
-        srv_set = common.parse_cpus(server_cpus)
-        if gen_cpus is None or not srv_set & common.parse_cpus(gen_cpus):
-            own = observed["server_cpu_pct"]
-            foreign_srv = round(max(0.0, sum(busy.get(c, 0.0) for c in srv_set) - own), 1)
+    foreign_gen, foreign_srv = common.foreign_cpu(
+        busy,
+        gen_cpus,
+        server_cpus,
+        sum(cpu_per_proc) + (observed.get("parent_cpu_pct") or 0.0) if cpu_per_proc else None,
+        observed.get("server_cpu_pct") if args.spawn_server else None,
+    )
     contended = any(x is not None and x > common.CONTENDED_PCT for x in (foreign_gen, foreign_srv))
 
     before, settled, end = rss.get("before"), rss.get("settled"), rss.get("end")
@@ -682,8 +675,7 @@ def run(args: argparse.Namespace) -> int:
         )
     if saturated:
         lines.append("  WARNING: load generator saturated; use --procs with more CPUs")
-    for k, v in sorted(first_error.items()):
-        lines.append(f"  first '{k}': {v}")
+    lines += common.first_error_lines(first_error)
     lines += common.server_warnings(problems, server_exit)
     common.emit(result, "\n".join(lines), args.json)
     if args.plot:

@@ -453,10 +453,7 @@ def run(args: argparse.Namespace) -> int:
 
     env = common.environment()
     server = None
-    gen_cpus = args.cpu
-    if args.spawn_server and gen_cpus is None:
-        gen_cpus = "1" if (os.cpu_count() or 1) > 1 else None
-    server_cpus = args.server_cpu if (os.cpu_count() or 1) > 1 else None
+    gen_cpus, server_cpus = common.choose_cpus(args.cpu, args.server_cpu, args.spawn_server)
     try:
         if args.spawn_server:
             config = Path(args.server_config).resolve()
@@ -555,17 +552,13 @@ def run(args: argparse.Namespace) -> int:
     # What other processes used on the CPUs we pinned to: busy time of those
     # CPUs minus our own processes' CPU time (only meaningful when pinned).
     busy = observed.get("cpu_busy_pct") or {}
-    foreign_gen = foreign_srv = None
-    if gen_cpus is not None and busy and cpu_per_proc:
-        gen_set = common.parse_cpus(gen_cpus)
-        if server_cpus is None or not gen_set & common.parse_cpus(server_cpus):
-            own = sum(cpu_per_proc) + (observed.get("parent_cpu_pct") or 0.0)
-            foreign_gen = round(max(0.0, sum(busy.get(c, 0.0) for c in gen_set) - own), 1)
-    if args.spawn_server and server_cpus is not None and busy and "server_cpu_pct" in observed:
-        srv_set = common.parse_cpus(server_cpus)
-        if gen_cpus is None or not srv_set & common.parse_cpus(gen_cpus):
-            own = observed["server_cpu_pct"]
-            foreign_srv = round(max(0.0, sum(busy.get(c, 0.0) for c in srv_set) - own), 1)
+    foreign_gen, foreign_srv = common.foreign_cpu(
+        busy,
+        gen_cpus,
+        server_cpus,
+        sum(cpu_per_proc) + (observed.get("parent_cpu_pct") or 0.0) if cpu_per_proc else None,
+        observed.get("server_cpu_pct") if args.spawn_server else None,
+    )
     contended = any(x is not None and x > common.CONTENDED_PCT for x in (foreign_gen, foreign_srv))
 
     def tot(k: str) -> int:

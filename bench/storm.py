@@ -513,10 +513,7 @@ def run(args: argparse.Namespace) -> int:
 
     env = common.environment()
     server = None
-    gen_cpus = args.cpu
-    if args.spawn_server and gen_cpus is None:
-        gen_cpus = "1" if (os.cpu_count() or 1) > 1 else None
-    server_cpus = args.server_cpu if (os.cpu_count() or 1) > 1 else None
+    gen_cpus, server_cpus = common.choose_cpus(args.cpu, args.server_cpu, args.spawn_server)
     srv: dict[str, Any] = {}
     timeline: list[tuple[float, int, int]] = []
     try:
@@ -755,8 +752,7 @@ def run(args: argparse.Namespace) -> int:
         )
     if saturated:
         lines.append("  WARNING: load generator saturated: the time is an upper bound")
-    for k, v in sorted(first_error.items()):
-        lines.append(f"  first '{k}': {v}")
+    lines += common.first_error_lines(first_error)
     lines += common.server_warnings(problems, server_exit)
     common.emit(result, "\n".join(lines), args.json)
     if args.plot:
