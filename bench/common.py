@@ -749,6 +749,11 @@ def foreign_cpu(
     return foreign_gen, foreign_srv
 
 
+def is_contended(foreign_gen: float | None, foreign_srv: float | None) -> bool:
+    """Whether other processes used more than ``CONTENDED_PCT`` of a pinned CPU set."""
+    return any(x is not None and x > CONTENDED_PCT for x in (foreign_gen, foreign_srv))
+
+
 def first_error_lines(first_error: dict[str, str]) -> list[str]:
     """Summary lines with the first error message of each kind, sorted by kind."""
     return [f"  first '{k}': {v}" for k, v in sorted(first_error.items())]

@@ -1050,7 +1050,7 @@ def run(args: argparse.Namespace) -> int:
         gen_cpu + (observed.get("parent_cpu_pct") or 0.0) if gen_cpu is not None else None,
         observed.get("server_cpu_pct") if args.spawn_server else None,
     )
-    contended = any(x is not None and x > common.CONTENDED_PCT for x in (foreign_gen, foreign_srv))
+    contended = common.is_contended(foreign_gen, foreign_srv)
     # Overloaded (sends unanswered or deliveries still queued when the drain
     # ran out): acked messages not yet delivered are the server's backlog, not
     # a proven loss; they are reported apart and do not fail the run.
@@ -1224,10 +1224,11 @@ def run(args: argparse.Namespace) -> int:
             f"bench fanout: {args.members} members ({mix}), {args.rate:,.0f} msg/s offered; "
             f"{result['delivered_per_s']:,.0f} deliveries/s\n"
         )
-        path = plot.write(
-            plot.png_path(args.json, "fanout", result["date"]),
-            title + plot.subtitle(result),
+        plot.write_run(
+            args.json,
+            "fanout",
+            result,
+            title,
             plot.ack_delivery_panels(ack_ms, del_ms, timeline),
         )
-        print(f"bench: plot written to {path}", file=sys.stderr)
     return 1 if bad else 0

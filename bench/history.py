@@ -868,7 +868,7 @@ def run(args: argparse.Namespace) -> int:
         srv_set = common.parse_cpus(server_cpus)
         own = observed["server_cpu_pct"]
         foreign_srv = round(max(0.0, sum(busy.get(c, 0.0) for c in srv_set) - own), 1)
-    contended = any(x is not None and x > common.CONTENDED_PCT for x in (foreign_gen, foreign_srv))
+    contended = common.is_contended(foreign_gen, foreign_srv)
     srv_cpu = observed.get("server_cpu_pct")
     us_per_req = (
         round(srv_cpu / 100 * dur * 1e6 / reads, 1) if srv_cpu is not None and reads else None
@@ -987,11 +987,12 @@ def run(args: argparse.Namespace) -> int:
 
         top = max((b for _, b in buckets), default=0)
         xs = [k * BUCKET_S for k in range(top + 1)]
-        path = plot.write(
-            plot.png_path(args.json, "history", result["date"]),
+        plot.write_run(
+            args.json,
+            "history",
+            result,
             f"bench history: {C} HTTP clients, {reads / dur:,.0f} reads/s "
-            f"(history {n_hist / dur:,.0f}/s, search {n_search / dur:,.0f}/s)\n"
-            + plot.subtitle(result),
+            f"(history {n_hist / dur:,.0f}/s, search {n_search / dur:,.0f}/s)\n",
             [
                 (
                     "cdf",
@@ -1013,6 +1014,5 @@ def run(args: argparse.Namespace) -> int:
                 ),
             ],
         )
-        print(f"bench: plot written to {path}", file=sys.stderr)
     bad = result["bad_answers"] > 0 or reads == 0
     return 1 if bad else 0

@@ -582,7 +582,7 @@ def run(args: argparse.Namespace) -> int:
         sum(cpu_per_proc) + (observed.get("parent_cpu_pct") or 0.0) if cpu_per_proc else None,
         observed.get("server_cpu_pct") if args.spawn_server else None,
     )
-    contended = any(x is not None and x > common.CONTENDED_PCT for x in (foreign_gen, foreign_srv))
+    contended = common.is_contended(foreign_gen, foreign_srv)
 
     before, settled, end = rss.get("before"), rss.get("settled"), rss.get("end")
     per_conn = per_conn_end = None
@@ -682,10 +682,11 @@ def run(args: argparse.Namespace) -> int:
         from . import plot
 
         series = rss["series"]
-        path = plot.write(
-            plot.png_path(args.json, "idle", result["date"]),
-            f"bench idle: {C:,} conns ({mix}); {per_conn or '?'} B RSS per connection\n"
-            + plot.subtitle(result),
+        plot.write_run(
+            args.json,
+            "idle",
+            result,
+            f"bench idle: {C:,} conns ({mix}); {per_conn or '?'} B RSS per connection\n",
             [
                 (
                     "series",
@@ -710,6 +711,5 @@ def run(args: argparse.Namespace) -> int:
             ],
             xlabels={0: "authenticated connections"},
         )
-        print(f"bench: plot written to {path}", file=sys.stderr)
     bad = authed < C or result["closed_by_server"] or kicked
     return 1 if bad else 0

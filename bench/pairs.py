@@ -26,7 +26,6 @@ import argparse
 import array
 import os
 import secrets
-import sys
 import time
 from collections import Counter
 from pathlib import Path
@@ -559,7 +558,7 @@ def run(args: argparse.Namespace) -> int:
         sum(cpu_per_proc) + (observed.get("parent_cpu_pct") or 0.0) if cpu_per_proc else None,
         observed.get("server_cpu_pct") if args.spawn_server else None,
     )
-    contended = any(x is not None and x > common.CONTENDED_PCT for x in (foreign_gen, foreign_srv))
+    contended = common.is_contended(foreign_gen, foreign_srv)
 
     def tot(k: str) -> int:
         return sum(int(r[k]) for r in results)
@@ -708,10 +707,11 @@ def run(args: argparse.Namespace) -> int:
             f"bench pairs: {args.transport}, {mode}, {args.pairs} pairs; "
             f"acked {result['acked_per_s']:,.0f}/s\n"
         )
-        path = plot.write(
-            plot.png_path(args.json, "pairs", result["date"]),
-            title + plot.subtitle(result),
+        plot.write_run(
+            args.json,
+            "pairs",
+            result,
+            title,
             plot.ack_delivery_panels(ack_ms, del_ms, timeline),
         )
-        print(f"bench: plot written to {path}", file=sys.stderr)
     return 1 if bad else 0

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import datetime
 import math
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -120,6 +121,26 @@ def write(
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=90)
     plt.close(fig)
+    return path
+
+
+def write_run(
+    json_path: str | None,
+    bench: str,
+    result: dict[str, Any],
+    title: str,
+    panels: list[Panel],
+    xlabels: dict[int, str] | None = None,
+) -> Path:
+    """A run's ``--plot``: the PNG at :func:`png_path`, ``title`` over :func:`subtitle`.
+
+    ``title`` ends with a newline. Prints where the plot went (stderr) and
+    returns the path.
+    """
+    path = write(
+        png_path(json_path, bench, result["date"]), title + subtitle(result), panels, xlabels
+    )
+    print(f"bench: plot written to {path}", file=sys.stderr)
     return path
 
 

@@ -675,7 +675,7 @@ def run(args: argparse.Namespace) -> int:
                     parent = (srv["parent1"] - srv["parent0"]) / wall * 100
                     own = sum(cpu_per_proc) + parent
                     foreign_gen = round(max(0.0, sum(busy.get(c, 0.0) for c in gen_set) - own), 1)
-    contended = any(x is not None and x > common.CONTENDED_PCT for x in (foreign_gen, foreign_srv))
+    contended = common.is_contended(foreign_gen, foreign_srv)
     bad_counts = {k: tot(k) for k in ("gaps", "dups", "bad_body", "sync_stale", "missing_conv")}
     result: dict[str, Any] = {
         "bench": "storm",
@@ -760,11 +760,12 @@ def run(args: argparse.Namespace) -> int:
 
         top = max(buckets) if buckets else 0
         xs = [k * BUCKET_S for k in range(top + 1)]
-        path = plot.write(
-            plot.png_path(args.json, "storm", result["date"]),
+        plot.write_run(
+            args.json,
+            "storm",
+            result,
             f"bench storm: {N:,} users x {M:,} messages reconnect at once; "
-            f"all done after {f'{t_all:.2f}' if t_all is not None else '-'} s\n"
-            + plot.subtitle(result),
+            f"all done after {f'{t_all:.2f}' if t_all is not None else '-'} s\n",
             [
                 (
                     "series",
@@ -785,6 +786,5 @@ def run(args: argparse.Namespace) -> int:
                 ),
             ],
         )
-        print(f"bench: plot written to {path}", file=sys.stderr)
     bad = any(bad_counts.values()) or not all_done
     return 1 if bad else 0
