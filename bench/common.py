@@ -754,6 +754,27 @@ def is_contended(foreign_gen: float | None, foreign_srv: float | None) -> bool:
     return any(x is not None and x > CONTENDED_PCT for x in (foreign_gen, foreign_srv))
 
 
+def contention_fields(
+    busy: dict[int, float],
+    foreign_gen: float | None,
+    foreign_srv: float | None,
+    contended: bool,
+) -> dict[str, Any]:
+    """The JSON fields on CPU contention, in their order, and the load average at the end.
+
+    ``cpu_busy_pct``, ``foreign_cpu_pct_loadgen_cpus``,
+    ``foreign_cpu_pct_server_cpus``, ``cpu_contended``, ``loadavg_1m_after``
+    (read now).
+    """
+    return {
+        "cpu_busy_pct": {str(k): v for k, v in sorted(busy.items())},
+        "foreign_cpu_pct_loadgen_cpus": foreign_gen,
+        "foreign_cpu_pct_server_cpus": foreign_srv,
+        "cpu_contended": contended,
+        "loadavg_1m_after": round(os.getloadavg()[0], 2),
+    }
+
+
 def first_error_lines(first_error: dict[str, str]) -> list[str]:
     """Summary lines with the first error message of each kind, sorted by kind."""
     return [f"  first '{k}': {v}" for k, v in sorted(first_error.items())]

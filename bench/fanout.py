@@ -1124,11 +1124,7 @@ def run(args: argparse.Namespace) -> int:
             if srv_cpu is not None and delivered_per_s
             else None
         ),
-        "cpu_busy_pct": {str(k): v for k, v in sorted(busy.items())},
-        "foreign_cpu_pct_loadgen_cpus": foreign_gen,
-        "foreign_cpu_pct_server_cpus": foreign_srv,
-        "cpu_contended": contended,
-        "loadavg_1m_after": round(os.getloadavg()[0], 2),
+        **common.contention_fields(busy, foreign_gen, foreign_srv, contended),
         "server_exit_code": server_exit,
         "server_log_problems": len(problems),
     }

@@ -46,7 +46,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import random
 import secrets
 import sys
@@ -924,11 +923,7 @@ def run(args: argparse.Namespace) -> int:
         "server_postgres_cpu_pct": observed.get("server_postgres_cpu_pct"),
         "server_runqueue_wait_pct": observed.get("server_runqueue_wait_pct"),
         "server_cpu_us_per_req": us_per_req,
-        "cpu_busy_pct": {str(k): v for k, v in sorted(busy.items())},
-        "foreign_cpu_pct_loadgen_cpus": foreign_gen,
-        "foreign_cpu_pct_server_cpus": foreign_srv,
-        "cpu_contended": contended,
-        "loadavg_1m_after": round(os.getloadavg()[0], 2),
+        **common.contention_fields(busy, foreign_gen, foreign_srv, contended),
         "server_exit_code": server_exit,
         "server_log_problems": len(problems),
     }

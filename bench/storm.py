@@ -36,7 +36,6 @@ from __future__ import annotations
 import argparse
 import array
 import math
-import os
 import secrets
 import sys
 import time
@@ -714,11 +713,7 @@ def run(args: argparse.Namespace) -> int:
         "server_cpu_pct": srv_cpu,
         "server_python_cpu_pct": srv_py,
         "server_postgres_cpu_pct": srv_pg,
-        "cpu_busy_pct": {str(k): v for k, v in sorted(busy.items())},
-        "foreign_cpu_pct_loadgen_cpus": foreign_gen,
-        "foreign_cpu_pct_server_cpus": foreign_srv,
-        "cpu_contended": contended,
-        "loadavg_1m_after": round(os.getloadavg()[0], 2),
+        **common.contention_fields(busy, foreign_gen, foreign_srv, contended),
         "server_exit_code": server_exit,
         "server_stop_s": server.stop_s if server is not None else None,
         "server_log_problems": len(problems),
