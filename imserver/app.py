@@ -6,6 +6,7 @@
     └── root nursery
         ├── BatchWriter.run            (storage: group commit)
         ├── Hub.run_sweeps             (one heartbeat sweep per shard)
+        ├── TokenLookups.run           (token checks batched per round)
         └── connections nursery        (one Session.run per client)
             ├── serve_http             (hypercorn: the HTTP shim, drains on shutdown)
             └── accept nursery
@@ -244,6 +245,7 @@ async def _serve(
     async with trio.open_nursery() as root:
         await root.start(writer.run)
         await root.start(hub.run_sweeps)
+        await root.start(state.auth.lookups.run)
         async with trio.open_nursery() as connections:
             http_port = None
             if cfg.http.enabled:

@@ -25,6 +25,7 @@ from ..clock import Clock
 from ..config import AuthSection
 from ..hub.ratelimit import RateLimiter
 from ..storage.db import Storage
+from .token_lookups import TokenLookups
 
 log = logging.getLogger("imserver.auth")
 
@@ -55,6 +56,8 @@ class AuthService:
                 "login_addr": (cfg.login_per_addr_per_min / 60.0, cfg.login_per_addr_per_min),
             }
         )
+        #: Token lookups, batched per round while :meth:`TokenLookups.run` runs.
+        self.lookups = TokenLookups(storage)
         # Hashing is CPU-bound; bound how many run at once.
         self._hash_slots = trio.CapacityLimiter(2)
         # A dummy hash to verify against for unknown users (same timing).
@@ -139,7 +142,7 @@ class AuthService:
             OpError: unauthorized (unknown, revoked or expired token).
         """
         h = token_hash(token)
-        found = await self.storage.token_owner(h)
+        found = await self.lookups.owner(h)
         if found is None:
             raise OpError(ErrorCode.UNAUTHORIZED, "bad token")
         user, expires_ms, revoked = found

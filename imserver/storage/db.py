@@ -247,6 +247,10 @@ class Storage:
         """(user, expires_ms, revoked) of a token hash, or None."""
         return await self._acquire_run(_q_token_owner, token_hash)
 
+    async def token_owners(self, hashes: list[bytes]) -> dict[bytes, tuple[str, int, bool]]:
+        """hash -> (user, expires_ms, revoked) of the known ones among ``hashes``."""
+        return await self._acquire_run(_q_token_owners, hashes)
+
     async def revoke_token(self, token_hash: bytes) -> None:
         """Mark a token revoked."""
         await self._acquire_run(_q_revoke_token, token_hash)
@@ -540,6 +544,16 @@ async def _q_insert_token(
 async def _q_token_owner(conn: asyncpg.Connection, h: bytes) -> tuple[str, int, bool] | None:
     r = await conn.fetchrow("SELECT user_name, expires_ms, revoked FROM tokens WHERE hash = $1", h)
     return None if r is None else (r["user_name"], r["expires_ms"], r["revoked"])
+
+
+async def _q_token_owners(
+    conn: asyncpg.Connection, hashes: list[bytes]
+) -> dict[bytes, tuple[str, int, bool]]:
+    rows = await conn.fetch(
+        "SELECT hash, user_name, expires_ms, revoked FROM tokens WHERE hash = ANY($1::bytea[])",
+        hashes,
+    )
+    return {r["hash"]: (r["user_name"], r["expires_ms"], r["revoked"]) for r in rows}
 
 
 async def _q_revoke_token(conn: asyncpg.Connection, h: bytes) -> None:
