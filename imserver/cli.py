@@ -7,6 +7,7 @@ configuration or usage (one line naming the key and the problem).
 from __future__ import annotations
 
 import argparse
+import gc
 import getpass
 import logging
 import os
@@ -123,10 +124,32 @@ def main(argv: list[str] | None = None) -> int:
     return 2
 
 
+#: Allocations of container objects between two young-generation collections
+#: (CPython's default is 700). See :func:`_tune_gc`.
+GC_YOUNG_THRESHOLD = 50_000
+
+
+def _tune_gc() -> None:
+    """Make the cyclic garbage collector cheap for a long-running server.
+
+    Everything alive at start (modules, the web framework's objects, config)
+    is frozen out of collection. The young generation is collected every
+    50,000 allocations instead of every 700: at 700, the frames and replies of
+    the messages in flight survive a collection, get promoted and are walked
+    again by the older generations. Measured under the pairs bench, the
+    collector took about 6% of the server's core with the defaults. Memory is
+    bounded still: cyclic garbage waits at most 50,000 allocations longer.
+    """
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(GC_YOUNG_THRESHOLD, 10, 10)
+
+
 def _serve(cfg: Config) -> int:
     from .app import serve
 
     with database(cfg) as dsn:
+        _tune_gc()
         trio.run(lambda: serve(cfg, dsn, handle_signals=True))
     log.info("stopped")
     return 0

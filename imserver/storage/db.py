@@ -1064,23 +1064,26 @@ async def _q_read_notice(conn: asyncpg.Connection, user: str, nid: int, now: int
     return True
 
 
-# One statement, one round trip, atomic on its own: insert the batch unless a
-# (sender, cid) of it is already stored, then move each conversation's
-# last_seq and create the per-user rows of new conversations. A stored repeat
-# makes it insert nothing; the caller then sorts the repeats out and runs it
-# again (PROTOCOL §5 idempotency; a repeat is rare, the common case pays one
-# round trip and no BEGIN/COMMIT).
-_INSERT_BATCH = """
-WITH dup AS (
-    SELECT 1 FROM unnest($3::text[], $4::text[]) AS u(sender, cid)
-    WHERE u.cid IS NOT NULL
-      AND EXISTS (SELECT 1 FROM messages m WHERE m.sender = u.sender AND m.cid = u.cid)
-    LIMIT 1
-), ins AS (
+# One statement, one round trip, atomic on its own: insert the batch, then move
+# each conversation's last_seq and create the per-user rows of new
+# conversations. A repeat of a stored (sender, cid) makes the whole statement
+# fail on the messages_sender_cid unique index, so nothing of it is kept; the
+# caller then sorts the repeats out and inserts the rest (PROTOCOL §5
+# idempotency; a repeat is rare, the common case pays one round trip, no
+# BEGIN/COMMIT and no lookup of its own). Inside a transaction a failed
+# statement would abort it, so there the guarded form checks first and inserts
+# nothing on a repeat. meta and mentions come as JSON text, cast here: the
+# jsonb[] path costs a json.dumps and three ABC isinstance checks per element
+# in the driver.
+_INSERT_TEMPLATE = """
+WITH {dup}ins AS (
     INSERT INTO messages (conv, seq, sender, cid, kind, body, meta, mentions, reply_to, ts)
-    SELECT * FROM unnest($1::text[], $2::bigint[], $3::text[], $4::text[], $5::text[],
-                         $6::text[], $7::jsonb[], $8::jsonb[], $9::bigint[], $10::bigint[])
-    WHERE NOT EXISTS (SELECT 1 FROM dup)
+    SELECT u.conv, u.seq, u.sender, u.cid, u.kind, u.body, u.meta::jsonb, u.mentions::jsonb,
+           u.reply_to, u.ts
+    FROM unnest($1::text[], $2::bigint[], $3::text[], $4::text[], $5::text[],
+                $6::text[], $7::text[], $8::text[], $9::bigint[], $10::bigint[])
+         AS u(conv, seq, sender, cid, kind, body, meta, mentions, reply_to, ts)
+    {where}
     RETURNING mid, conv, seq
 ), last AS (
     SELECT DISTINCT ON (conv) conv, seq, mid FROM ins ORDER BY conv, seq DESC
@@ -1097,6 +1100,19 @@ WITH dup AS (
 )
 SELECT mid, conv, seq FROM ins
 """
+_INSERT_BATCH = _INSERT_TEMPLATE.format(dup="", where="")
+_INSERT_BATCH_GUARDED = _INSERT_TEMPLATE.format(
+    dup="""dup AS (
+    SELECT 1 FROM unnest($3::text[], $4::text[]) AS u(sender, cid)
+    WHERE u.cid IS NOT NULL
+      AND EXISTS (SELECT 1 FROM messages m WHERE m.sender = u.sender AND m.cid = u.cid)
+    LIMIT 1
+), """,
+    where="WHERE NOT EXISTS (SELECT 1 FROM dup)",
+)
+
+#: Compact JSON text for jsonb columns (one encoder, made once).
+_json_text = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
 
 
 def _assign_seqs(fresh: list[SendRow], base: dict[str, int], ts: int) -> dict[str, int]:
@@ -1143,7 +1159,15 @@ async def _q_insert_rows(
             "SELECT conv, last_seq FROM conversations WHERE conv = ANY($1::text[])", missing
         ):
             base[rec["conv"]] = rec["last_seq"]
-    inserted = await _q_insert_fresh(conn, fresh, base, ts)
+    if conn.is_in_transaction():
+        inserted = await _q_insert_fresh(conn, fresh, base, ts, _INSERT_BATCH_GUARDED)
+    else:
+        try:
+            inserted = await _q_insert_fresh(conn, fresh, base, ts, _INSERT_BATCH)
+        except asyncpg.UniqueViolationError as e:
+            if e.constraint_name != "messages_sender_cid":
+                raise
+            inserted = {}  # nothing of the statement was kept
     if len(inserted) != len(fresh):
         # Some (sender, cid) is already stored: answer those as repeats.
         keyed = [r for r in fresh if r.cid is not None]
@@ -1164,7 +1188,7 @@ async def _q_insert_rows(
             else:
                 still.append(r)
         fresh = still
-        inserted = await _q_insert_fresh(conn, fresh, base, ts)
+        inserted = await _q_insert_fresh(conn, fresh, base, ts, _INSERT_BATCH_GUARDED)
         if len(inserted) != len(fresh):
             raise StorageError("batch insert raced with another writer")
     new_last: dict[str, int] = {}
@@ -1179,9 +1203,16 @@ async def _q_insert_rows(
 
 
 async def _q_insert_fresh(
-    conn: asyncpg.Connection, fresh: list[SendRow], base: dict[str, int], ts: int
+    conn: asyncpg.Connection,
+    fresh: list[SendRow],
+    base: dict[str, int],
+    ts: int,
+    statement: str,
 ) -> dict[tuple[str, int], int]:
-    """Run :data:`_INSERT_BATCH` for ``fresh``; (conv, seq) -> mid of the inserted rows."""
+    """Run ``statement`` (an :data:`_INSERT_TEMPLATE` form) for ``fresh``.
+
+    Returns (conv, seq) -> mid of the inserted rows.
+    """
     if not fresh:
         return {}
     _assign_seqs(fresh, base, ts)
@@ -1192,16 +1223,17 @@ async def _q_insert_fresh(
         members = next(r.members for r in fresh if r.conv == c)
         users.extend(members)
         ucs.extend([c] * len(members))
+    json_text = _json_text
     recs = await conn.fetch(
-        _INSERT_BATCH,
+        statement,
         [r.conv for r in fresh],
         [r.seq for r in fresh],
         [r.sender for r in fresh],
         [r.cid for r in fresh],
         [r.kind for r in fresh],
         [r.body for r in fresh],
-        [r.meta for r in fresh],
-        [r.mentions for r in fresh],
+        [None if r.meta is None else json_text(r.meta) for r in fresh],
+        [None if r.mentions is None else json_text(r.mentions) for r in fresh],
         [r.reply_to for r in fresh],
         [r.ts for r in fresh],
         ts,
