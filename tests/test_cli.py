@@ -148,3 +148,19 @@ def test_connection_cap_fits_the_open_file_limit() -> None:
     no_http = test_config(http={"enabled": False})
     assert connection_cap(no_http, (1_000, 1_000)) == 1_000 - FD_RESERVE_BASE - 8
     assert connection_cap(cfg, (100, 100)) == 1  # never zero
+
+
+def test_serve_tunes_the_garbage_collector() -> None:
+    """``imserver serve`` freezes what exists at start and raises the young threshold."""
+    import gc
+
+    from imserver import cli
+
+    before, frozen = gc.get_threshold(), gc.get_freeze_count()
+    try:
+        cli._tune_gc()
+        assert gc.get_threshold() == (cli.GC_YOUNG_THRESHOLD, 10, 10)
+        assert gc.get_freeze_count() > frozen
+    finally:
+        gc.unfreeze()
+        gc.set_threshold(*before)
