@@ -65,6 +65,9 @@ MAX_BODY_CHARS: Final = 1 << 20
 _USER_PATTERN: Final = "[A-Za-z0-9_.-]{1,64}"
 _user_match: Final = re.compile(_USER_PATTERN).fullmatch
 _USER_HINT: Final = "must be a user name (1-64 of A-Z a-z 0-9 _ . -)"
+#: PostgreSQL's text and jsonb cannot hold U+0000: refused in every string field
+#: and inside maps, so one client's bad string cannot fail a shared batch commit.
+_NUL_HINT: Final = "must not contain U+0000"
 
 
 def is_user_name(value: object) -> bool:
@@ -314,6 +317,8 @@ def _check_str(name: str, spec: FieldSpec) -> _Check:
             raise _invalid(name, "must be a string")
         if not lo <= len(value) <= hi:
             raise _invalid(name, length)
+        if "\x00" in value:
+            raise _invalid(name, _NUL_HINT)
 
     return check_str
 
@@ -391,11 +396,17 @@ def _check_map(name: str, spec: FieldSpec) -> _Check:
                 for key in node:
                     if type(key) is not str:
                         raise _invalid(name, "keys must be strings")
+                    if "\x00" in key:
+                        raise _invalid(name, _NUL_HINT)
                 children = node.values()
             else:
                 children = node
             for child in children:
                 kind = type(child)
+                if kind is str:
+                    if "\x00" in child:
+                        raise _invalid(name, _NUL_HINT)
+                    continue
                 if kind in _SCALARS:
                     continue
                 if kind is dict or kind is list:
@@ -490,7 +501,7 @@ def _compile_send(schema: OpSchema) -> _Validator:
     def validate_send(frame: dict[str, Any]) -> dict[str, Any]:
         get = frame.get
         cid = get("cid")
-        if type(cid) is not str or not cid_lo <= len(cid) <= cid_hi:
+        if type(cid) is not str or not cid_lo <= len(cid) <= cid_hi or "\x00" in cid:
             return slow(frame)
         to = get("to")
         if to is not None:
@@ -502,6 +513,7 @@ def _compile_send(schema: OpSchema) -> _Validator:
                 if (
                     type(group) is not str
                     or not group_lo <= len(group) <= group_hi
+                    or "\x00" in group
                     or "to" in frame
                     or "conv" in frame
                 ):
@@ -511,6 +523,7 @@ def _compile_send(schema: OpSchema) -> _Validator:
                 if (
                     type(conv) is not str
                     or not conv_lo <= len(conv) <= conv_hi
+                    or "\x00" in conv
                     or "to" in frame
                     or "group" in frame
                 ):
@@ -523,7 +536,7 @@ def _compile_send(schema: OpSchema) -> _Validator:
         body = get("body")
         if body is None:
             frame["body"] = body_default
-        elif type(body) is not str or len(body) > body_hi:
+        elif type(body) is not str or len(body) > body_hi or "\x00" in body:
             return slow(frame)
         for name, check in rare:
             value = get(name)

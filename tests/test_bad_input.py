@@ -602,6 +602,45 @@ async def test_body_over_the_limit_is_too_large(server: ServerInfo, clients: Cli
         await pair.check("bodies over the limit")
 
 
+@pytest.mark.parametrize(
+    "bad",
+    [
+        {"body": "a\x00b"},
+        {"cid": "nul\x00"},
+        {"body": "x", "meta": {"k": ["ok", "a\x00"]}},
+        {"body": "x", "meta": {"k\x00": 1}},
+    ],
+    ids=["body", "cid", "meta-value", "meta-key"],
+)
+async def test_nul_is_invalid_and_fails_no_one_elses_send(
+    server: ServerInfo, clients: Clients, bad: dict[str, Any]
+) -> None:
+    """PostgreSQL cannot store U+0000: refused up front, not by a failed batch.
+
+    The bad send and a good one go out in one write, so they would share a
+    batch: the good one must commit.
+    """
+    with trio.fail_after(20):
+        pair = await make_pair(server, clients)
+        alice, bob = pair.alice, pair.bob
+        frames = [
+            {"op": "send", "rid": 901, "to": "bob", "cid": "bad", **bad},
+            {"op": "send", "rid": 902, "to": "bob", "cid": "good", "body": "fine"},
+        ]
+        await alice.send_raw(b"".join(encode_frame(f) for f in frames))
+        replies = {}
+        while len(replies) < 2:
+            f = await alice.recv_frame()
+            if f.get("rid") in (901, 902):
+                replies[f["rid"]] = f
+        assert_error(replies[901], "invalid", rid=901)
+        assert "U+0000" in replies[901]["message"]
+        assert replies[902]["op"] == "ok", replies[902]
+        pair.acked.append((replies[902]["seq"], "fine"))
+        assert (await bob.push("msg"))["body"] == "fine"
+        await pair.check("after a NUL")
+
+
 @pytest.mark.parametrize("config", [cfg(limits={"max_connections": 3})], ids=["max3"])
 async def test_max_connections(server: ServerInfo, clients: Clients) -> None:
     with trio.fail_after(15):

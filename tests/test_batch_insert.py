@@ -111,3 +111,57 @@ async def test_meta_round_trips_as_json(dsn: str) -> None:
     stored = await _history(dsn)
     assert stored[0]["meta"] == meta
     assert "meta" not in stored[1] or stored[1]["meta"] is None
+
+
+def _group_row(cid: str, mentions: list[str] | None) -> SendRow:
+    return SendRow(
+        sender="alice",
+        cid=cid,
+        conv="g:1",
+        conv_kind="group",
+        kind="text",
+        body=cid,
+        meta=None,
+        mentions=mentions,
+        reply_to=None,
+        members=(),
+    )
+
+
+async def test_mentions_are_stored_as_lists(dsn: str) -> None:
+    """One, two and no mentions in one batch (the jsonb[] path broke on lists)."""
+    batch = [
+        _group_row("one", ["bob"]),
+        _group_row("none", None),
+        _group_row("two", ["bob", "carol"]),
+    ]
+    rows = await _commit(dsn, batch, [])
+    assert [r.seq for r in rows] == [1, 2, 3]
+    s = Storage(dsn, pool_size=2)
+    await s.open()
+    try:
+        got = await s.history("alice", "g:1", None, None, 10)
+    finally:
+        await s.aclose()
+    assert got is not None
+    assert [m.get("mentions") for m in got[0]] == [["bob"], None, ["bob", "carol"]]
+
+
+async def test_migration_0005_turns_stored_string_mentions_into_lists(dsn: str) -> None:
+    from importlib import resources
+
+    from .conftest import _admin
+
+    await _commit(dsn, [_group_row("one", ["bob"]), _group_row("two", ["bob", "carol"])], [])
+    # As the earlier insert stored one mention: a bare JSON string.
+    _admin(dsn, """UPDATE messages SET mentions = '"bob"'::jsonb WHERE cid = 'one'""")
+    sql = resources.files("imserver.storage.migrations").joinpath("0005_mentions_arrays.sql")
+    _admin(dsn, sql.read_text())
+    s = Storage(dsn, pool_size=2)
+    await s.open()
+    try:
+        got = await s.history("alice", "g:1", None, None, 10)
+    finally:
+        await s.aclose()
+    assert got is not None
+    assert [m.get("mentions") for m in got[0]] == [["bob"], ["bob", "carol"]]

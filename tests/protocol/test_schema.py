@@ -283,6 +283,18 @@ INVALID_TABLE: list[tuple[str, dict[str, Any], str]] = [
     ("auth device empty", {"op": "auth", "token": "t", "device": ""}, "device"),
     ("register bad user", {"op": "register", "user": "wx:abc", "password": "p"}, "user"),
     ("op not a string", {"op": 5}, "op"),
+    # U+0000 cannot be stored by PostgreSQL: refused in every string and in meta.
+    ("send body NUL", {"op": "send", "to": "bob", "cid": "c", "body": "a\x00"}, "body"),
+    ("send cid NUL", {"op": "send", "to": "bob", "cid": "c\x00"}, "cid"),
+    ("send conv NUL", {"op": "send", "conv": "d:a:b\x00", "cid": "c"}, "conv"),
+    ("send meta key NUL", {"op": "send", "to": "b", "cid": "c", "meta": {"k\x00": 1}}, "meta"),
+    (
+        "send meta nested NUL",
+        {"op": "send", "to": "b", "cid": "c", "meta": {"k": [{"x": "\x00"}]}},
+        "meta",
+    ),
+    ("group_create name NUL", {"op": "group_create", "name": "\x00", "members": []}, "name"),
+    ("friend_request note NUL", {"op": "friend_request", "to": "b", "note": "\x00"}, "note"),
 ]
 
 
