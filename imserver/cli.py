@@ -134,11 +134,17 @@ def _tune_gc() -> None:
 
     Everything alive at start (modules, the web framework's objects, config)
     is frozen out of collection. The young generation is collected every
-    50,000 allocations instead of every 700: at 700, the frames and replies of
-    the messages in flight survive a collection, get promoted and are walked
-    again by the older generations. Measured under the pairs bench, the
-    collector took about 6% of the server's core with the defaults. Memory is
-    bounded still: cyclic garbage waits at most 50,000 allocations longer.
+    50,000 container allocations instead of every 700: at 700, the frames and
+    replies of the messages in flight survive a collection, get promoted and
+    are walked again by the older generations. Measured under the pairs
+    bench, the collector took about 6% of the server's core with the
+    defaults. The older generations keep CPython's ratios (10, 10), so
+    garbage that reached them, such as a closed connection's cycles, waits
+    for a full collection about 70 times longer in allocations; measured: the
+    server's RSS went from 59 to 65 MB over 20,000 connections opened,
+    authenticated and closed, against 59 to 64 MB with CPython's defaults.
+    Startup objects are never collected, so nothing made at start may be
+    replaced while serving.
     """
     gc.collect()
     gc.freeze()
