@@ -1,9 +1,9 @@
-"""The batch insert on real PostgreSQL: repeats of stored cids, in both of its forms.
+"""The batch insert on real PostgreSQL: repeats of stored cids, meta and mentions.
 
-A batch without cursors or effects is one autocommit statement that relies on
-the ``(sender, cid)`` unique index to refuse repeats; a batch in a transaction
-checks for them first. Both must answer a repeat with the original and number
-the rest without a gap.
+The insert relies on the ``(sender, cid)`` unique index to refuse a repeat: a
+batch without cursors or effects runs it as one autocommit statement, a batch
+in a transaction under a savepoint. Both must answer a repeat with the
+original and number the rest without a gap.
 """
 
 from __future__ import annotations
