@@ -459,6 +459,13 @@ async def test_bad_input_on_every_route(http: httpx.AsyncClient, clients: Client
     err(await http.post("/api/v1/admin/notices", json=bad_users, headers=admin), 404, "not_found")
     big = {**notice, "body": "x" * 20_000}
     err(await http.post("/api/v1/admin/notices", json=big, headers=admin), 413, "too_large")
+    for field in ("kind", "title", "body"):
+        nul = {**notice, field: "a\x00b"}
+        err(await http.post("/api/v1/admin/notices", json=nul, headers=admin), 400, "invalid")
+    nul_user = {**notice, "users": ["al\x00ice"]}
+    err(await http.post("/api/v1/admin/notices", json=nul_user, headers=admin), 400, "invalid")
+    # A NUL in a path segment is refused too, not sent to PostgreSQL.
+    err(await http.get("/api/v1/conversations/d:a%00:b/messages", headers=h), 400, "invalid")
 
 
 async def test_admin_notice_is_pushed_and_listed(http: httpx.AsyncClient, clients: Clients) -> None:

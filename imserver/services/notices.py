@@ -51,6 +51,11 @@ class NoticeService:
             raise OpError(ErrorCode.INVALID, f"title: at most {MAX_TITLE_CHARS} characters")
         if len(body.encode()) > lim.max_body_bytes:
             raise OpError(ErrorCode.TOO_LARGE, f"body: over {lim.max_body_bytes} bytes")
+        for name, text in (("kind", kind), ("title", title), ("body", body)):
+            if "\x00" in text:  # PostgreSQL's text cannot store it
+                raise OpError(ErrorCode.INVALID, f"{name}: must not contain U+0000")
+        if users is not None and any("\x00" in u for u in users):
+            raise OpError(ErrorCode.INVALID, "users: must not contain U+0000")
         if users is not None:
             users = list(dict.fromkeys(users))
             if not users:
