@@ -56,11 +56,11 @@ async def _commit(dsn: str, rows: list[SendRow], cursors: list[CursorUpdate]) ->
         await s.aclose()
 
 
-async def _history(dsn: str) -> list[dict[str, Any]]:
+async def _history(dsn: str, conv: str = CONV) -> list[dict[str, Any]]:
     s = Storage(dsn, pool_size=2)
     await s.open()
     try:
-        got = await s.history("alice", CONV, None, None, 100)
+        got = await s.history("alice", conv, None, None, 100)
         assert got is not None
         return got[0]
     finally:
@@ -137,14 +137,11 @@ async def test_mentions_are_stored_as_lists(dsn: str) -> None:
     ]
     rows = await _commit(dsn, batch, [])
     assert [r.seq for r in rows] == [1, 2, 3]
-    s = Storage(dsn, pool_size=2)
-    await s.open()
-    try:
-        got = await s.history("alice", "g:1", None, None, 10)
-    finally:
-        await s.aclose()
-    assert got is not None
-    assert [m.get("mentions") for m in got[0]] == [["bob"], None, ["bob", "carol"]]
+    assert [m.get("mentions") for m in await _history(dsn, "g:1")] == [
+        ["bob"],
+        None,
+        ["bob", "carol"],
+    ]
 
 
 async def test_migration_0005_turns_stored_string_mentions_into_lists(dsn: str) -> None:
@@ -157,11 +154,4 @@ async def test_migration_0005_turns_stored_string_mentions_into_lists(dsn: str) 
     _admin(dsn, """UPDATE messages SET mentions = '"bob"'::jsonb WHERE cid = 'one'""")
     sql = resources.files("imserver.storage.migrations").joinpath("0005_mentions_arrays.sql")
     _admin(dsn, sql.read_text())
-    s = Storage(dsn, pool_size=2)
-    await s.open()
-    try:
-        got = await s.history("alice", "g:1", None, None, 10)
-    finally:
-        await s.aclose()
-    assert got is not None
-    assert [m.get("mentions") for m in got[0]] == [["bob"], ["bob", "carol"]]
+    assert [m.get("mentions") for m in await _history(dsn, "g:1")] == [["bob"], ["bob", "carol"]]
